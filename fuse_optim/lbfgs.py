@@ -1,0 +1,131 @@
+"""Limited-memory BFGS memory and search direction for minibatch training.
+
+The memory holds the last ``m`` curvature pairs ``s_i = x_{i+1} - x_i`` and
+``y_i = g(x_{i+1}; B_i) - g(x_i; B_i)`` in preallocated ``(m, d)`` ring buffers. Both gradients of
+a pair come from the *same* minibatch ``B_i`` (torch.optim.LBFGS differences gradients of
+different batches across ``step()`` calls, which mixes sampling noise into ``y``).
+
+Direction: ``d = -H_k g_k`` by the two-loop recursion (paper Algorithm 2; Nocedal & Wright
+Algorithm 7.4). The initial inverse Hessian ``H_k^0`` is either the classical scalar
+``gamma_k I`` with ``gamma_k = s'y / y'y`` of the newest pair (Eq. 7.20), or, new here,
+``gamma_k D`` with ``D = diag(1 / (sqrt(v_hat) + eps))`` from Adam's bias-corrected second
+moment and ``gamma_k = s'y / y'Dy`` (the scalar that best fits the secant equation in the
+``D``-metric).
+
+Low-curvature pairs: with ``curvature="skip"`` a pair is dropped unless
+``s'y > curvature_eps * ||s|| ||y||`` (a cosine test: invariant to scaling ``f`` or ``x``); with
+``curvature="damp"`` Powell's damping replaces ``y`` by ``theta y + (1 - theta) B0 s`` with
+``B0 = I / gamma`` so that ``s'y >= 0.2 s'B0 s`` (Nocedal & Wright Procedure 18.2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["LBFGSMemory"]
+
+
+class LBFGSMemory:
+    """Ring buffer of curvature pairs plus the two-loop recursion."""
+
+    def __init__(self, history_size: int, dimension: int, *, dtype: torch.dtype, device: torch.device,
+                 curvature: str = "skip", curvature_eps: float = 1e-8) -> None:
+        if curvature not in ("skip", "damp"):
+            raise ValueError(f"curvature must be 'skip' or 'damp', got {curvature!r}")
+        self.history_size = history_size
+        self.curvature = curvature
+        self.curvature_eps = curvature_eps
+        self.s = torch.zeros(history_size, dimension, dtype=dtype, device=device)
+        self.y = torch.zeros(history_size, dimension, dtype=dtype, device=device)
+        self.rho = torch.zeros(history_size, dtype=dtype, device=device)
+        self._alpha = torch.zeros(history_size, dtype=dtype, device=device)
+        self.gamma = 1.0
+        self.count = 0  # pairs stored, <= history_size
+        self.newest = -1  # row of the newest pair
+        self.accepted = 0
+        self.skipped = 0
+        self.damped = 0
+
+    def reset(self) -> None:
+        """Forget every pair (after a failure); counters are kept."""
+        self.count, self.newest, self.gamma = 0, -1, 1.0
+
+    def _order(self) -> list[int]:
+        """Rows from newest to oldest."""
+        m = self.history_size
+        return [(self.newest - i) % m for i in range(self.count)]
+
+    def push(self, s: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
+        """Store the pair ``(s, y)`` if it has enough curvature; returns whether it was stored.
+
+        ``scale`` is the diagonal ``D`` of the initial inverse Hessian (``None``: identity);
+        it enters ``gamma`` and the damping's ``B0``.
+        """
+        sy = float(torch.dot(s, y))
+        s_norm, y_norm = float(s.norm()), float(y.norm())
+        if not (s_norm > 0 and y_norm > 0) or not all(map(_is_finite, (sy, s_norm, y_norm))):
+            self.skipped += 1
+            return False
+        if sy <= self.curvature_eps * s_norm * y_norm:
+            if self.curvature == "skip":
+                self.skipped += 1
+                return False
+            # Powell damping with B0 = D^{-1} / gamma; gamma from the memory, or from ||s|| / ||y||.
+            gamma = self.gamma if self.count else s_norm / y_norm
+            b0_s = s / (gamma * scale) if scale is not None else s / gamma
+            s_b0_s = float(torch.dot(s, b0_s))
+            theta = 0.8 * s_b0_s / (s_b0_s - sy)
+            y = theta * y + (1 - theta) * b0_s
+            sy = float(torch.dot(s, y))
+            self.damped += 1
+        row = (self.newest + 1) % self.history_size
+        self.s[row].copy_(s)
+        self.y[row].copy_(y)
+        self.rho[row] = 1.0 / sy
+        self.newest = row
+        self.count = min(self.count + 1, self.history_size)
+        y_dy = float(torch.dot(y, y * scale)) if scale is not None else float(torch.dot(y, y))
+        self.gamma = sy / y_dy
+        self.accepted += 1
+        return True
+
+    def direction(self, grad: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``d = -H g`` by the two-loop recursion (paper Algorithm 2); ``-g`` (or ``-D g``) when empty."""
+        q = grad.neg()
+        order = self._order()
+        alpha = self._alpha
+        for row in order:
+            alpha[row] = self.rho[row] * torch.dot(self.s[row], q)
+            q.addcmul_(self.y[row], alpha[row], value=-1)
+        if scale is not None:
+            q.mul_(scale)
+        if order:
+            q.mul_(self.gamma)
+        for row in reversed(order):
+            beta = self.rho[row] * torch.dot(self.y[row], q)
+            q.addcmul_(self.s[row], alpha[row] - beta)
+        return q
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "s": self.s.clone(), "y": self.y.clone(), "rho": self.rho.clone(), "gamma": self.gamma,
+            "count": self.count, "newest": self.newest, "accepted": self.accepted, "skipped": self.skipped,
+            "damped": self.damped,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if tuple(state["s"].shape) != tuple(self.s.shape):
+            raise ValueError(
+                f"L-BFGS memory of shape {tuple(state['s'].shape)} does not fit history_size x dimension "
+                f"{tuple(self.s.shape)}"
+            )
+        for name in ("s", "y", "rho"):
+            getattr(self, name).copy_(state[name])
+        self.gamma, self.count, self.newest = float(state["gamma"]), int(state["count"]), int(state["newest"])
+        self.accepted, self.skipped, self.damped = int(state["accepted"]), int(state["skipped"]), int(state["damped"])
+
+
+def _is_finite(value: float) -> bool:
+    return value == value and value not in (float("inf"), float("-inf"))

@@ -1,0 +1,410 @@
+"""Switchover criteria for FUSE-PV (paper Sec. II-C, Algorithm 4).
+
+A criterion decides *when* the optimizer leaves the Adam phase for the L-BFGS phase. It is a small
+object with its own ``state_dict``; the optimizer feeds it and asks it, and it never touches
+parameters.
+
+Protocol (what :class:`fuse_optim.FusePV` calls):
+
+* ``observe_step(loss, grad_sq_norm)`` after every Adam step. ``loss`` is the closure's loss and
+  ``grad_sq_norm`` is ``||g_k||^2`` (both 0-dim tensors on the parameters' device, or ``None``
+  when not needed). Implementations accumulate on the device and read values back to the host at
+  most once per window, so the Adam phase stays free of per-step host synchronisation.
+* ``end_epoch()`` once at the end of every epoch (the training loop calls
+  :meth:`FusePV.end_epoch`, which forwards here). Epoch-granular criteria decide here.
+* ``ready(step, epoch)`` before every step: ``True`` means switch now. ``step`` counts completed
+  optimizer steps and ``epoch`` completed epochs.
+* ``reason`` names what fired, e.g. ``"grad_norm(mean ||g||^2=8.1e-04 <= zeta=1e-03)"``.
+
+Criteria can be built from the plain dicts that study files use::
+
+    {"criterion": "epoch", "epoch": 5}         # switch after 5 completed epochs
+    {"criterion": "step", "step": 200}         # switch after 200 steps; step 0 = L-BFGS from the start
+    {"criterion": "grad_norm", "zeta": 1e-3}   # Eq. 3 over the last epoch (or "window": W steps)
+    {"criterion": "loss_change", "sigma": 1e-4}  # Eq. 4 on epoch-mean loss (or "window": W steps)
+    {"criterion": "any", "of": [..., ...]}     # first of several
+    {"criterion": "all", "of": [..., ...]}     # all of several
+    {"criterion": "never"}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = [
+    "SwitchCriterion",
+    "EpochCriterion",
+    "StepCriterion",
+    "GradNormCriterion",
+    "LossChangeCriterion",
+    "AnyOf",
+    "AllOf",
+    "Never",
+    "make_criterion",
+    "CRITERIA",
+]
+
+
+class SwitchCriterion:
+    """Base class: never fires. Subclasses override the hooks they need."""
+
+    name = "criterion"
+    #: whether the optimizer must compute ``||g||^2`` each Adam step for this criterion
+    needs_grad_norm = False
+    #: whether the criterion reads the closure's loss
+    needs_loss = False
+
+    def observe_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
+        """Record one Adam step's loss and squared gradient norm (device tensors, no sync)."""
+
+    def end_epoch(self) -> None:
+        """Called once at the end of every epoch by the training loop (via the optimizer)."""
+
+    def ready(self, step: int, epoch: int) -> bool:
+        """True when the optimizer should switch to L-BFGS before taking step ``step``."""
+        return False
+
+    @property
+    def reason(self) -> str:
+        return self.name
+
+    def config(self) -> dict[str, Any]:
+        """The plain dict this criterion is built from (inverse of :func:`make_criterion`)."""
+        return {"criterion": self.name}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "criterion")
+        return f"{type(self).__name__}({args})"
+
+
+def _check_nonnegative_int(value: Any, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{argument} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _check_positive_float(value: Any, argument: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{argument} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_window(value: Any, argument: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{argument} must be None (one epoch) or an integer >= 1, got {value!r}")
+    return value
+
+
+class Never(SwitchCriterion):
+    """Stay in the Adam phase forever (FUSE-PV degenerates to Adam)."""
+
+    name = "never"
+
+
+class StepCriterion(SwitchCriterion):
+    """Switch after ``step`` completed optimizer steps (``step=0``: L-BFGS from the first step)."""
+
+    name = "step"
+
+    def __init__(self, step: int) -> None:
+        self.step = _check_nonnegative_int(step, "step")
+
+    def ready(self, step: int, epoch: int) -> bool:
+        return step >= self.step
+
+    @property
+    def reason(self) -> str:
+        return f"step(step >= {self.step})"
+
+    def config(self) -> dict[str, Any]:
+        return {"criterion": "step", "step": self.step}
+
+
+class EpochCriterion(SwitchCriterion):
+    """Switch after ``epoch`` completed epochs: the paper's simple iteration (epoch) criterion.
+
+    Epochs are counted by :meth:`FusePV.end_epoch`; ``epoch=5`` runs epochs 0-4 with Adam and
+    epoch 5 onward with L-BFGS.
+    """
+
+    name = "epoch"
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = _check_nonnegative_int(epoch, "epoch")
+
+    def ready(self, step: int, epoch: int) -> bool:
+        return epoch >= self.epoch
+
+    @property
+    def reason(self) -> str:
+        return f"epoch(epoch >= {self.epoch})"
+
+    def config(self) -> dict[str, Any]:
+        return {"criterion": "epoch", "epoch": self.epoch}
+
+
+class _WindowedMean:
+    """Device-side running sum of a scalar stream, read back once per window or epoch."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | float = 0.0
+        self.count = 0
+
+    def add(self, value: torch.Tensor) -> None:
+        self.total = self.total + value.detach().to(torch.float64)
+        self.count += 1
+
+    def pop_mean(self) -> float | None:
+        if self.count == 0:
+            return None
+        mean = float(self.total) / self.count
+        self.total, self.count = 0.0, 0
+        return mean
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": float(self.total), "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.total, self.count = float(state["total"]), int(state["count"])
+
+
+class GradNormCriterion(SwitchCriterion):
+    """Gradient-norm criterion, paper Eq. 3: switch when ``(1/K) sum_k ||g(x_k)||^2 <= zeta``.
+
+    The mean runs over the steps of the last completed epoch (``window=None``, decided in
+    :meth:`end_epoch`) or over the last ``window`` steps (decided every ``window`` steps, one host
+    read-back per window). ``g`` is the minibatch gradient the Adam step used.
+    """
+
+    name = "grad_norm"
+    needs_grad_norm = True
+
+    def __init__(self, zeta: float, window: int | None = None) -> None:
+        self.zeta = _check_positive_float(zeta, "zeta")
+        self.window = _check_window(window, "window")
+        self._acc = _WindowedMean()
+        self.last_mean: float | None = None
+        self.fired = False
+
+    def observe_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
+        if grad_sq_norm is None:
+            raise RuntimeError("GradNormCriterion needs the squared gradient norm of every step")
+        self._acc.add(grad_sq_norm)
+        if self.window is not None and self._acc.count >= self.window:
+            self._decide()
+
+    def end_epoch(self) -> None:
+        if self.window is None:
+            self._decide()
+
+    def _decide(self) -> None:
+        mean = self._acc.pop_mean()
+        if mean is not None:
+            self.last_mean = mean
+            self.fired = self.fired or mean <= self.zeta
+
+    def ready(self, step: int, epoch: int) -> bool:
+        return self.fired
+
+    @property
+    def reason(self) -> str:
+        shown = "nan" if self.last_mean is None else f"{self.last_mean:.3g}"
+        return f"grad_norm(mean ||g||^2={shown} <= zeta={self.zeta:g})"
+
+    def config(self) -> dict[str, Any]:
+        return {"criterion": "grad_norm", "zeta": self.zeta, "window": self.window}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"acc": self._acc.state_dict(), "last_mean": self.last_mean, "fired": self.fired}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._acc.load_state_dict(state["acc"])
+        self.last_mean, self.fired = state["last_mean"], bool(state["fired"])
+
+
+class LossChangeCriterion(SwitchCriterion):
+    """Loss-change criterion, paper Eq. 4: switch when ``|f_k - f_{k-1}| <= sigma``.
+
+    Minibatch losses are noisy, so ``f_k`` is a smoothed loss: the mean closure loss over the
+    last completed epoch (``window=None``) or over the last ``window`` steps. With
+    ``relative=True`` the test is ``|f_k - f_{k-1}| <= sigma * |f_{k-1}|`` (scale-free).
+    """
+
+    name = "loss_change"
+    needs_loss = True
+
+    def __init__(self, sigma: float, window: int | None = None, relative: bool = False) -> None:
+        self.sigma = _check_positive_float(sigma, "sigma")
+        self.window = _check_window(window, "window")
+        if not isinstance(relative, bool):
+            raise ValueError(f"relative must be True or False, got {relative!r}")
+        self.relative = relative
+        self._acc = _WindowedMean()
+        self.previous: float | None = None
+        self.last_change: float | None = None
+        self.fired = False
+
+    def observe_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
+        if loss is None:
+            raise RuntimeError("LossChangeCriterion needs the closure's loss on every step")
+        self._acc.add(loss)
+        if self.window is not None and self._acc.count >= self.window:
+            self._decide()
+
+    def end_epoch(self) -> None:
+        if self.window is None:
+            self._decide()
+
+    def _decide(self) -> None:
+        current = self._acc.pop_mean()
+        if current is None:
+            return
+        if self.previous is not None and math.isfinite(current):
+            self.last_change = abs(current - self.previous)
+            bound = self.sigma * abs(self.previous) if self.relative else self.sigma
+            self.fired = self.fired or self.last_change <= bound
+        self.previous = current
+
+    def ready(self, step: int, epoch: int) -> bool:
+        return self.fired
+
+    @property
+    def reason(self) -> str:
+        shown = "nan" if self.last_change is None else f"{self.last_change:.3g}"
+        kind = "relative " if self.relative else ""
+        return f"loss_change(|f_k - f_k-1|={shown} <= {kind}sigma={self.sigma:g})"
+
+    def config(self) -> dict[str, Any]:
+        return {"criterion": "loss_change", "sigma": self.sigma, "window": self.window, "relative": self.relative}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "acc": self._acc.state_dict(),
+            "previous": self.previous,
+            "last_change": self.last_change,
+            "fired": self.fired,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._acc.load_state_dict(state["acc"])
+        self.previous, self.last_change = state["previous"], state["last_change"]
+        self.fired = bool(state["fired"])
+
+
+class _Combination(SwitchCriterion):
+    def __init__(self, criteria: list[SwitchCriterion | Mapping[str, Any]]) -> None:
+        if not isinstance(criteria, (list, tuple)) or not criteria:
+            raise ValueError(f"'of' must be a non-empty list of criteria, got {criteria!r}")
+        self.criteria = [make_criterion(c) for c in criteria]
+        self.needs_grad_norm = any(c.needs_grad_norm for c in self.criteria)
+        self.needs_loss = any(c.needs_loss for c in self.criteria)
+
+    def observe_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
+        for criterion in self.criteria:
+            criterion.observe_step(loss, grad_sq_norm)
+
+    def end_epoch(self) -> None:
+        for criterion in self.criteria:
+            criterion.end_epoch()
+
+    def config(self) -> dict[str, Any]:
+        return {"criterion": self.name, "of": [c.config() for c in self.criteria]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"of": [c.state_dict() for c in self.criteria]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for criterion, sub in zip(self.criteria, state["of"], strict=True):
+            criterion.load_state_dict(sub)
+
+
+class AnyOf(_Combination):
+    """Switch as soon as any of the given criteria is ready; ``reason`` names the first one."""
+
+    name = "any"
+
+    def ready(self, step: int, epoch: int) -> bool:
+        self._fired_by = next((c for c in self.criteria if c.ready(step, epoch)), None)
+        return self._fired_by is not None
+
+    @property
+    def reason(self) -> str:
+        fired = getattr(self, "_fired_by", None)
+        return f"any[{fired.reason}]" if fired is not None else "any"
+
+
+class AllOf(_Combination):
+    """Switch once all of the given criteria are ready at the same time."""
+
+    name = "all"
+
+    def ready(self, step: int, epoch: int) -> bool:
+        return all(c.ready(step, epoch) for c in self.criteria)
+
+    @property
+    def reason(self) -> str:
+        return "all[" + ", ".join(c.reason for c in self.criteria) + "]"
+
+
+CRITERIA: dict[str, type[SwitchCriterion]] = {
+    "epoch": EpochCriterion,
+    "step": StepCriterion,
+    "grad_norm": GradNormCriterion,
+    "loss_change": LossChangeCriterion,
+    "any": AnyOf,
+    "all": AllOf,
+    "never": Never,
+}
+
+
+def make_criterion(spec: SwitchCriterion | Mapping[str, Any] | str) -> SwitchCriterion:
+    """Build a criterion from an instance (returned as is), a plain dict or a bare name.
+
+    >>> make_criterion({"criterion": "grad_norm", "zeta": 1e-3})
+    GradNormCriterion(zeta=0.001, window=None)
+    """
+    if isinstance(spec, SwitchCriterion):
+        return spec
+    if isinstance(spec, str):
+        spec = {"criterion": spec}
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"switch must be a SwitchCriterion or a dict with a 'criterion' key, got {spec!r}")
+    options = dict(spec)
+    kind = options.pop("criterion", None)
+    if kind not in CRITERIA:
+        raise ValueError(f"switch criterion must be one of {sorted(CRITERIA)}, got {kind!r}")
+    cls = CRITERIA[kind]
+    if cls in (AnyOf, AllOf):
+        unknown = set(options) - {"of"}
+        if unknown or "of" not in options:
+            raise ValueError(f"switch criterion {kind!r} takes exactly the key 'of', got {sorted(options)}")
+        return cls(options["of"])
+    accepted = {
+        "epoch": {"epoch"},
+        "step": {"step"},
+        "grad_norm": {"zeta", "window"},
+        "loss_change": {"sigma", "window", "relative"},
+        "never": set(),
+    }[kind]
+    required = {"epoch": {"epoch"}, "step": {"step"}, "grad_norm": {"zeta"}, "loss_change": {"sigma"}}.get(kind, set())
+    unknown = set(options) - accepted
+    if unknown:
+        raise ValueError(
+            f"switch criterion {kind!r} got unknown key(s) {sorted(unknown)}; accepted: {sorted(accepted)}"
+        )
+    missing = required - set(options)
+    if missing:
+        raise ValueError(f"switch criterion {kind!r} needs key(s) {sorted(missing)}")
+    return cls(**options)
