@@ -409,14 +409,24 @@ class _AdamLBFGSBase(Optimizer):
 
     def _search(self, closure: Closure, x0: torch.Tensor, direction: torch.Tensor, loss0: float,
                 gtd0: float) -> LineSearchResult:
+        """Line search from x0 along ``direction``; on return the parameters are at x0 + result.step * d."""
+        at_step = 0.0  # the parameters equal x0 + at_step * direction (exactly: x0 itself at first)
+
         def evaluate(step: float) -> tuple[float, torch.Tensor, float]:
-            self._set_params(x0, direction, step)
+            nonlocal at_step
+            if at_step == 0.0:
+                torch._foreach_add_(self._all_params(), self._views(direction), alpha=step)
+            else:
+                self._set_params(x0, direction, step)
+            at_step = step
             _, value, grad = self._evaluate(closure)
             return value, grad, float(torch.dot(grad, direction))
 
         result = self._line_search()(evaluate, loss0, gtd0, self._initial_step(direction))
         if not result.ok:
             self.line_search_failures += 1
+        if at_step != result.step:
+            self._set_params(x0, direction, result.step)
         return result
 
     def _lbfgs_step(self, closure: Closure) -> torch.Tensor:
@@ -440,8 +450,9 @@ class _AdamLBFGSBase(Optimizer):
         direction, gtd0, failure = self._lbfgs_direction(grad0)
         result = self._search(closure, x0, direction, loss0, gtd0)
         if result.step > 0:
-            self._set_params(x0, direction, result.step)
-            memory.push(direction.mul_(result.step), result.grad.sub(grad0), self._adam_scale)
+            row = memory.free_row()
+            s_row = torch.mul(direction, result.step, out=memory.s[row])
+            memory.push(s_row, torch.sub(result.grad, grad0, out=memory.y[row]), self._adam_scale)
         else:
             # No step decreased the loss: restore x_k, reset the memory, take a safe steepest-descent
             # step of length lr (the Adam learning rate), and record the failure.

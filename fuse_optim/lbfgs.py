@@ -28,7 +28,12 @@ __all__ = ["LBFGSMemory"]
 
 
 class LBFGSMemory:
-    """Ring buffer of curvature pairs plus the two-loop recursion."""
+    """Ring buffer of curvature pairs plus the two-loop recursion.
+
+    The buffers have ``m + 1`` rows: a new pair is written straight into the free row and only
+    then tested, so a skipped pair never overwrites the oldest stored one and no temporary
+    ``(s, y)`` copies are made.
+    """
 
     def __init__(self, history_size: int, dimension: int, *, dtype: torch.dtype, device: torch.device,
                  curvature: str = "skip", curvature_eps: float = 1e-8) -> None:
@@ -37,34 +42,45 @@ class LBFGSMemory:
         self.history_size = history_size
         self.curvature = curvature
         self.curvature_eps = curvature_eps
-        self.s = torch.zeros(history_size, dimension, dtype=dtype, device=device)
-        self.y = torch.zeros(history_size, dimension, dtype=dtype, device=device)
-        self.rho = torch.zeros(history_size, dtype=dtype, device=device)
-        self._alpha = torch.zeros(history_size, dtype=dtype, device=device)
+        self.s = torch.zeros(history_size + 1, dimension, dtype=dtype, device=device)
+        self.y = torch.zeros(history_size + 1, dimension, dtype=dtype, device=device)
+        self.rho = torch.zeros(history_size + 1, dtype=dtype, device=device)
+        self._alpha = torch.zeros(history_size + 1, dtype=dtype, device=device)
         self.gamma = 1.0
-        self.count = 0  # pairs stored, <= history_size
-        self.newest = -1  # row of the newest pair
+        self.rows: list[int] = []  # physical rows of the stored pairs, oldest first
         self.accepted = 0
         self.skipped = 0
         self.damped = 0
 
+    @property
+    def count(self) -> int:
+        """Pairs stored, at most ``history_size``."""
+        return len(self.rows)
+
     def reset(self) -> None:
         """Forget every pair (after a failure); counters are kept."""
-        self.count, self.newest, self.gamma = 0, -1, 1.0
+        self.rows, self.gamma = [], 1.0
 
-    def _order(self) -> list[int]:
-        """Rows from newest to oldest."""
-        m = self.history_size
-        return [(self.newest - i) % m for i in range(self.count)]
+    def free_row(self) -> int:
+        """The physical row the next pair is written into."""
+        used = set(self.rows)
+        return next(r for r in range(self.history_size + 1) if r not in used)
 
     def push(self, s: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
         """Store the pair ``(s, y)`` if it has enough curvature; returns whether it was stored.
 
-        ``scale`` is the diagonal ``D`` of the initial inverse Hessian (``None``: identity);
-        it enters ``gamma`` and the damping's ``B0``.
+        ``s`` and ``y`` may already be the free row's views (``self.s[free_row()]``), which
+        saves a copy. ``scale`` is the diagonal ``D`` of the initial inverse Hessian (``None``:
+        identity); it enters ``gamma`` and the damping's ``B0``.
         """
-        sy = float(torch.dot(s, y))
-        s_norm, y_norm = float(s.norm()), float(y.norm())
+        row = self.free_row()
+        s_row, y_row = self.s[row], self.y[row]
+        if s.data_ptr() != s_row.data_ptr():
+            s_row.copy_(s)
+        if y.data_ptr() != y_row.data_ptr():
+            y_row.copy_(y)
+        sy = float(torch.dot(s_row, y_row))
+        s_norm, y_norm = float(s_row.norm()), float(y_row.norm())
         if not (s_norm > 0 and y_norm > 0) or not all(map(_is_finite, (sy, s_norm, y_norm))):
             self.skipped += 1
             return False
@@ -73,20 +89,18 @@ class LBFGSMemory:
                 self.skipped += 1
                 return False
             # Powell damping with B0 = D^{-1} / gamma; gamma from the memory, or from ||s|| / ||y||.
-            gamma = self.gamma if self.count else s_norm / y_norm
-            b0_s = s / (gamma * scale) if scale is not None else s / gamma
-            s_b0_s = float(torch.dot(s, b0_s))
+            gamma = self.gamma if self.rows else s_norm / y_norm
+            b0_s = s_row / (gamma * scale) if scale is not None else s_row / gamma
+            s_b0_s = float(torch.dot(s_row, b0_s))
             theta = 0.8 * s_b0_s / (s_b0_s - sy)
-            y = theta * y + (1 - theta) * b0_s
-            sy = float(torch.dot(s, y))
+            y_row.mul_(theta).add_(b0_s, alpha=1 - theta)
+            sy = float(torch.dot(s_row, y_row))
             self.damped += 1
-        row = (self.newest + 1) % self.history_size
-        self.s[row].copy_(s)
-        self.y[row].copy_(y)
         self.rho[row] = 1.0 / sy
-        self.newest = row
-        self.count = min(self.count + 1, self.history_size)
-        y_dy = float(torch.dot(y, y * scale)) if scale is not None else float(torch.dot(y, y))
+        self.rows.append(row)
+        if len(self.rows) > self.history_size:
+            self.rows.pop(0)
+        y_dy = float(torch.dot(y_row, y_row * scale)) if scale is not None else float(torch.dot(y_row, y_row))
         self.gamma = sy / y_dy
         self.accepted += 1
         return True
@@ -94,16 +108,15 @@ class LBFGSMemory:
     def direction(self, grad: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """``d = -H g`` by the two-loop recursion (paper Algorithm 2); ``-g`` (or ``-D g``) when empty."""
         q = grad.neg()
-        order = self._order()
         alpha = self._alpha
-        for row in order:
+        for row in reversed(self.rows):
             alpha[row] = self.rho[row] * torch.dot(self.s[row], q)
             q.addcmul_(self.y[row], alpha[row], value=-1)
         if scale is not None:
             q.mul_(scale)
-        if order:
+        if self.rows:
             q.mul_(self.gamma)
-        for row in reversed(order):
+        for row in self.rows:
             beta = self.rho[row] * torch.dot(self.y[row], q)
             q.addcmul_(self.s[row], alpha[row] - beta)
         return q
@@ -111,19 +124,18 @@ class LBFGSMemory:
     def state_dict(self) -> dict[str, Any]:
         return {
             "s": self.s.clone(), "y": self.y.clone(), "rho": self.rho.clone(), "gamma": self.gamma,
-            "count": self.count, "newest": self.newest, "accepted": self.accepted, "skipped": self.skipped,
-            "damped": self.damped,
+            "rows": list(self.rows), "accepted": self.accepted, "skipped": self.skipped, "damped": self.damped,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if tuple(state["s"].shape) != tuple(self.s.shape):
             raise ValueError(
-                f"L-BFGS memory of shape {tuple(state['s'].shape)} does not fit history_size x dimension "
+                f"L-BFGS memory of shape {tuple(state['s'].shape)} does not fit (history_size + 1) x dimension "
                 f"{tuple(self.s.shape)}"
             )
         for name in ("s", "y", "rho"):
             getattr(self, name).copy_(state[name])
-        self.gamma, self.count, self.newest = float(state["gamma"]), int(state["count"]), int(state["newest"])
+        self.gamma, self.rows = float(state["gamma"]), [int(r) for r in state["rows"]]
         self.accepted, self.skipped, self.damped = int(state["accepted"]), int(state["skipped"]), int(state["damped"])
 
 

@@ -1,0 +1,1 @@
+"""Speed, memory and convergence benchmarks; results go to BENCHMARKS.md with their commands."""

@@ -1,0 +1,199 @@
+"""The ``fuse-tune`` command line.
+
+    fuse-tune train --workload W --optimizer O [--set key=value ...] [--epochs N] [--seed S]
+    fuse-tune list
+
+Bad input exits with status 2 and one line naming what was wrong and what is accepted; no
+tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["main", "parse_assignments"]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
+    """``["lr=0.01", "switch.criterion=epoch", "switch.epoch=3"]`` -> nested dict.
+
+    Values are read as YAML scalars/flow collections (``1e-3`` -> float, ``[64, 64]`` -> list,
+    ``true`` -> bool, ``null`` -> None); dotted keys build nested dicts.
+    """
+    result: dict[str, Any] = {}
+    for item in assignments:
+        if "=" not in item:
+            raise CLIError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise CLIError(f"--set key must be a name or a dotted path, got {key!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise CLIError(f"--set {key}: cannot read value {raw!r} (numbers, true/false, null, [lists], {{dicts}}, "
+                           "or text)") from None
+        target = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            existing = target.setdefault(part, {})
+            if not isinstance(existing, dict):
+                raise CLIError(f"--set {key}: {part!r} was already given a value")
+            target = existing
+        target[parts[-1]] = value
+    return result
+
+
+def _split_settings(workload_name: str, settings: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """Route ``--set`` keys to the trainer, the workload, or the optimizer."""
+    from fuse_tune.train import TRAINER_KEYS
+    from fuse_tune.workloads import get_workload
+    from fuse_tune.workloads.models import model_options
+
+    workload = get_workload(workload_name)
+    workload_keys = set(workload.options)
+    if workload.kind == "function":
+        workload_keys |= {"dim", "noise", "start"}
+    elif workload.model:
+        workload_keys |= set(model_options(workload.model))
+    trainer, workload_options, optimizer = {}, {}, {}
+    for key, value in settings.items():
+        if key in TRAINER_KEYS:
+            trainer[key] = value
+        elif key in workload_keys:
+            workload_options[key] = value
+        else:
+            optimizer[key] = value
+    return trainer, workload_options, optimizer
+
+
+def _format_epoch(m: Any) -> str:
+    parts = [f"epoch {m.epoch:3d}", f"phase {m.phase:6s}", f"train_loss {m.train_loss:.6g}"]
+    if m.gap is not None:
+        parts.append(f"gap {m.gap:.3e}")
+    if m.test_accuracy is not None:
+        parts.append(f"test_acc {m.test_accuracy:.4f}")
+        parts.append(f"test_loss {m.test_loss:.4f}")
+    parts += [f"mean|g|^2 {m.grad_sq_norm:.3e}", f"grad_evals {m.grad_evals}", f"samples {m.samples}",
+              f"wall {m.wall_time:.2f}s"]
+    if m.switch_epoch is not None:
+        parts.append(f"switched at epoch {m.switch_epoch} step {m.switch_step}: {m.switch_reason}")
+    return " | ".join(parts)
+
+
+def _command_train(args: argparse.Namespace) -> int:
+    from fuse_tune.train import TrainConfig, train
+
+    settings = parse_assignments(args.set or [])
+    trainer, workload_options, optimizer_args = _split_settings(args.workload, settings)
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed), ("data_dir", args.data_dir),
+                                   ("device", args.device), ("threads", args.threads)) if v is not None}
+    config = TrainConfig(workload=args.workload, optimizer=args.optimizer, optimizer_args=optimizer_args,
+                         workload_options=workload_options, **{**trainer, **overrides})
+    if args.download:
+        config.download = True
+    config.validate()
+    from tqdm import tqdm
+
+    progress = tqdm(total=config.epochs, desc=f"{config.workload} / {config.optimizer}", unit="epoch",
+                    file=sys.stderr, disable=args.quiet or None, leave=False)
+
+    def on_epoch(metrics: Any) -> None:
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics.train_loss:.4g}", phase=metrics.phase)
+        tqdm.write(_format_epoch(metrics), file=sys.stdout)
+
+    try:
+        result = train(config, on_epoch)
+    finally:
+        progress.close()
+    final = result.final
+    print(f"\nsummary: workload={config.workload} optimizer={config.optimizer} seed={config.seed} "
+          f"epochs={len(result.history)}")
+    print(f"  final train loss {final.train_loss:.6g}" + (
+        f", test accuracy {final.test_accuracy:.4f}" if final.test_accuracy is not None else "")
+        + (f", gap to f* {final.gap:.3e}" if final.gap is not None else ""))
+    print(f"  gradient evaluations {final.grad_evals}, samples {final.samples}, training wall time "
+          f"{final.wall_time:.2f} s (evaluation excluded)")
+    if final.switch_epoch is not None:
+        print(f"  switched to the second phase at epoch {final.switch_epoch} (step {final.switch_step}): "
+              f"{final.switch_reason}")
+    elif config.optimizer in ("fuse_pv", "adam_sgd"):
+        print("  no switch happened")
+    if result.stopped_early:
+        print("  stopped early: the training loss became non-finite")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": vars(config), "history": [m.as_dict() for m in result.history]},
+                                              indent=2, default=str))
+        print(f"  history written to {args.json}")
+    return 0
+
+
+def _command_list(args: argparse.Namespace) -> int:
+    from fuse_tune.optimizers import OPTIMIZERS, accepted_arguments
+    from fuse_tune.workloads import WORKLOADS
+
+    print("workloads:")
+    for name, workload in WORKLOADS.items():
+        print(f"  {name:26s} {workload.description}")
+    print("optimizers:")
+    for name in OPTIMIZERS:
+        print(f"  {name:26s} arguments: {', '.join(accepted_arguments(name))}")
+    studies = sorted(Path(args.studies).glob("*.yaml")) if Path(args.studies).is_dir() else []
+    print("studies:" + ("" if studies else f" (none in {args.studies})"))
+    for path in studies:
+        print(f"  {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fuse-tune", description="Train and tune FUSE / FUSE-PV.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="one training run with per-epoch metrics")
+    train.add_argument("--workload", required=True, help="a workload name (see `fuse-tune list`)")
+    train.add_argument("--optimizer", required=True, help="sgd, adam, adam_sgd, lbfgs, fuse_pv or fuse")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="optimizer argument, workload option or trainer setting; dotted keys nest "
+                            "(--set switch.criterion=epoch --set switch.epoch=3)")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--data-dir", help="folder with torchvision data sets (not needed for digits)")
+    train.add_argument("--download", action="store_true", help="let torchvision download missing data sets")
+    train.add_argument("--device", help="auto (default), cpu or cuda[:i]")
+    train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.add_argument("--json", help="write the per-epoch history to this JSON file")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(handler=_command_train)
+    listing = sub.add_parser("list", help="workloads, optimizers and studies")
+    listing.add_argument("--studies", default="studies", help="folder of study files")
+    listing.set_defaults(handler=_command_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (CLIError, ValueError, FileNotFoundError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"fuse-tune: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fuse-tune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Optimizers by name from a plain config: the baselines of the paper and FUSE itself.
+
+=============  ==========================================================================
+name           what it builds
+=============  ==========================================================================
+``sgd``        ``torch.optim.SGD`` (paper: lr 0.01)
+``adam``       ``torch.optim.Adam`` (paper: lr 0.001)
+``adam_sgd``   :class:`AdamThenSGD`: Adam, then SGD once a switch criterion fires (Keskar & Socher)
+``lbfgs``      ``torch.optim.LBFGS`` (one iteration per minibatch, strong Wolfe, max_eval 25)
+``fuse_pv``    :class:`fuse_optim.FusePV`
+``fuse``       :class:`fuse_optim.Fuse`
+=============  ==========================================================================
+
+Every optimizer built here is stepped with a closure (``opt.step(closure)``) and answers
+``end_epoch()`` (a no-op for the torch ones), so the trainer treats them alike.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from fuse_optim import Fuse, FusePV
+from fuse_optim.switch import SwitchCriterion, make_criterion
+
+__all__ = ["OPTIMIZERS", "AdamThenSGD", "build_optimizer", "optimizer_phase", "accepted_arguments"]
+
+
+class AdamThenSGD(torch.optim.Optimizer):
+    """Adam until a switch criterion fires, then SGD (with momentum) on the same parameters.
+
+    The switch uses the same criteria as FusePV (:mod:`fuse_optim.switch`). ``sgd_lr`` is the
+    SGD learning rate after the switch (Keskar & Socher 2017 estimate it from Adam's steps; here
+    it is a hyperparameter for the study to search).
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, sgd_lr: float = 0.01, momentum: float = 0.9,
+                 switch: SwitchCriterion | Mapping[str, Any] | str = "never") -> None:
+        params = list(params)
+        if not isinstance(sgd_lr, (int, float)) or sgd_lr <= 0:
+            raise ValueError(f"sgd_lr must be a number > 0, got {sgd_lr!r}")
+        self.adam = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.sgd = torch.optim.SGD(params, lr=sgd_lr, momentum=momentum, weight_decay=weight_decay)
+        self.criterion = make_criterion(switch)
+        super().__init__(params, {"lr": lr})
+        self.phase = "adam"
+        self.switched_at_step: int | None = None
+        self.switched_at_epoch: int | None = None
+        self.switch_reason: str | None = None
+        self._steps = 0
+        self._epochs = 0
+
+    def _maybe_switch(self) -> None:
+        if self.phase == "adam" and self.criterion.ready(self._steps, self._epochs):
+            self.phase, self.switch_reason = "sgd", self.criterion.reason
+            self.switched_at_step, self.switched_at_epoch = self._steps, self._epochs
+
+    def step(self, closure=None):  # type: ignore[override]
+        self._maybe_switch()
+        active = self.adam if self.phase == "adam" else self.sgd
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.phase == "adam" and (self.criterion.needs_loss or self.criterion.needs_grad_norm):
+            grads = [p.grad for group in self.adam.param_groups for p in group["params"] if p.grad is not None]
+            grad_sq = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else None
+            self.criterion.observe_step(None if loss is None else loss.detach(), grad_sq)
+        active.step()
+        self._steps += 1
+        return loss
+
+    def end_epoch(self) -> bool:
+        self._epochs += 1
+        if self.phase == "adam":
+            self.criterion.end_epoch()
+            self._maybe_switch()
+        return self.phase == "sgd"
+
+    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+        return {"adam": self.adam.state_dict(), "sgd": self.sgd.state_dict(), "criterion": self.criterion.state_dict(),
+                "phase": self.phase, "steps": self._steps, "epochs": self._epochs,
+                "switched_at_step": self.switched_at_step, "switched_at_epoch": self.switched_at_epoch,
+                "switch_reason": self.switch_reason}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
+        self.adam.load_state_dict(state_dict["adam"])
+        self.sgd.load_state_dict(state_dict["sgd"])
+        self.criterion.load_state_dict(state_dict["criterion"])
+        self.phase, self._steps, self._epochs = state_dict["phase"], state_dict["steps"], state_dict["epochs"]
+        self.switched_at_step = state_dict["switched_at_step"]
+        self.switched_at_epoch = state_dict["switched_at_epoch"]
+        self.switch_reason = state_dict["switch_reason"]
+
+
+def _torch_lbfgs(params: Iterable[torch.Tensor], lr: float = 1.0, history_size: int = 10, max_iter: int = 1,
+                 max_eval: int = 25, line_search_fn: str | None = "strong_wolfe", tolerance_grad: float = 0.0,
+                 tolerance_change: float = 0.0) -> torch.optim.LBFGS:
+    """torch.optim.LBFGS with settings that make it take a step per minibatch (see FINDINGS.md)."""
+    return torch.optim.LBFGS(params, lr=lr, history_size=history_size, max_iter=max_iter, max_eval=max_eval,
+                             line_search_fn=line_search_fn, tolerance_grad=tolerance_grad,
+                             tolerance_change=tolerance_change)
+
+
+def _sgd(params: Iterable[torch.Tensor], lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0,
+         nesterov: bool = False) -> torch.optim.SGD:
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+
+
+def _adam(params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+          eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad)
+
+
+OPTIMIZERS = {
+    "sgd": _sgd,
+    "adam": _adam,
+    "adam_sgd": AdamThenSGD,
+    "lbfgs": _torch_lbfgs,
+    "fuse_pv": FusePV,
+    "fuse": Fuse,
+}
+
+#: arguments the trainer sets itself, never taken from a config
+_RESERVED = {"params", "self", "foreach", "fused"}
+
+
+def accepted_arguments(name: str) -> list[str]:
+    """Keyword arguments the optimizer ``name`` accepts from a config."""
+    signature = inspect.signature(OPTIMIZERS[name])
+    return sorted(p for p in signature.parameters if p not in _RESERVED)
+
+
+def build_optimizer(name: str, params: Iterable[torch.Tensor], config: Mapping[str, Any] | None = None):
+    """Build optimizer ``name`` over ``params`` from a plain dict of its keyword arguments.
+
+    Raises ``ValueError`` (one line) for an unknown name, an unknown argument or a bad value.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
+    config = dict(config or {})
+    accepted = accepted_arguments(name)
+    unknown = sorted(set(config) - set(accepted))
+    if unknown:
+        raise ValueError(f"optimizer {name!r} got unknown argument(s) {unknown}; accepted: {accepted}")
+    if "betas" in config:
+        config["betas"] = tuple(config["betas"])
+    try:
+        optimizer = OPTIMIZERS[name](params, **config)
+    except (TypeError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"optimizer {name!r}: {exc}") from None
+    if not hasattr(optimizer, "end_epoch"):
+        optimizer.end_epoch = lambda: False  # type: ignore[attr-defined]
+    return optimizer
+
+
+def optimizer_phase(optimizer: torch.optim.Optimizer, name: str) -> str:
+    """The optimizer's current phase: its ``phase`` attribute, else its name."""
+    return getattr(optimizer, "phase", None) or name

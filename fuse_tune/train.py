@@ -1,0 +1,380 @@
+"""The epoch loop: closures on one minibatch per step, honest timing and cost accounting.
+
+One step draws one minibatch and hands the optimizer a closure over *that* minibatch, so every
+closure call of a step (L-BFGS line-search trials included) sees the same samples. After each
+epoch the trainer evaluates (excluded from the wall time) and emits an :class:`EpochMetrics`.
+
+Paired seeding: ``seed`` fixes the initial weights (through the workload builder) and the data
+order (a private ``torch.Generator``), so every optimizer sees the same start and the same batches
+for the same seed. Costs: every closure call is a gradient evaluation; ``samples`` adds the batch
+size of each call (the batch size may change at the switch, paper Remark 2).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+
+from fuse_tune.optimizers import build_optimizer, optimizer_phase
+from fuse_tune.workloads import build_function, build_supervised, get_workload
+
+__all__ = ["TrainConfig", "EpochMetrics", "TrainResult", "train", "resolve_device", "TRAINER_KEYS"]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one training run (everything except the optimizer's own arguments).
+
+    Attributes:
+        workload: a registered workload name (``fuse-tune list``).
+        optimizer: a registered optimizer name.
+        optimizer_args: keyword arguments of the optimizer.
+        workload_options: options of the workload (e.g. ``l2``, ``hidden_sizes``, ``noise``).
+        epochs: epochs to run.
+        batch_size: minibatch size before the switch (samples).
+        batch_size_after_switch: minibatch size once the optimizer is in its second phase
+            (``None``: unchanged).
+        steps_per_epoch: steps that make an "epoch" on a test function (no data set there).
+        seed: initial weights and data order.
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda[:i]"``.
+        threads: torch CPU threads (``None``: leave torch's default).
+        data_dir: the data folder for torchvision data sets (not needed for digits).
+        download: let torchvision download missing data sets.
+        eval_batch_size: samples per forward pass during evaluation.
+        target_loss: when set, the wall time and gradient evaluations at which the full training
+            loss first fell to this value are reported.
+    """
+
+    workload: str = "digits-logreg"
+    optimizer: str = "fuse_pv"
+    optimizer_args: dict[str, Any] = field(default_factory=dict)
+    workload_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 64
+    batch_size_after_switch: int | None = None
+    steps_per_epoch: int = 50
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    data_dir: str | None = None
+    download: bool = False
+    eval_batch_size: int = 4096
+    target_loss: float | None = None
+
+    def validate(self) -> None:
+        _positive_int(self.epochs, "epochs")
+        _positive_int(self.batch_size, "batch_size")
+        if self.batch_size_after_switch is not None:
+            _positive_int(self.batch_size_after_switch, "batch_size_after_switch")
+        _positive_int(self.steps_per_epoch, "steps_per_epoch")
+        _positive_int(self.eval_batch_size, "eval_batch_size")
+        if self.threads is not None:
+            _positive_int(self.threads, "threads")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        resolve_device(self.device)
+        get_workload(self.workload)
+
+
+#: TrainConfig fields that ``--set key=value`` may change
+TRAINER_KEYS = tuple(f.name for f in fields(TrainConfig)
+                     if f.name not in ("workload", "optimizer", "optimizer_args", "workload_options"))
+
+
+def _positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as torch reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:index]', got {device!r}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use 'auto' or 'cpu'")
+    return resolved
+
+
+@dataclass
+class EpochMetrics:
+    """What one epoch measured. Cumulative counts and times run from the start of training.
+
+    ``train_loss`` is the full training objective at the end of the epoch (for test functions:
+    f(x)); ``batch_loss`` the mean minibatch loss over the epoch's steps; ``grad_sq_norm`` the mean
+    of ``||g(x_k; B_k)||^2`` over the epoch's steps (paper Eq. 3's quantity); ``wall_time`` the
+    seconds spent training (evaluation excluded).
+    """
+
+    epoch: int
+    train_loss: float
+    batch_loss: float
+    test_loss: float | None
+    test_accuracy: float | None
+    grad_sq_norm: float
+    phase: str
+    switch_epoch: int | None
+    switch_step: int | None
+    switch_reason: str | None
+    wall_time: float
+    grad_evals: int
+    closure_calls: int
+    samples: int
+    steps: int
+    batch_size: int
+    gap: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig
+    history: list[EpochMetrics]
+    time_to_target: float | None = None
+    grad_evals_to_target: int | None = None
+    stopped_early: bool = False
+
+    @property
+    def final(self) -> EpochMetrics:
+        return self.history[-1]
+
+
+class _Counter:
+    """Counts closure calls, gradient evaluations and samples, and records the first ||g||^2 of a step."""
+
+    def __init__(self) -> None:
+        self.closure_calls = 0
+        self.samples = 0
+
+    def wrap(self, closure: Callable[[], torch.Tensor], batch_size: int, record: Callable[[torch.Tensor], None]):
+        first = [True]
+
+        def counted() -> torch.Tensor:
+            loss = closure()
+            self.closure_calls += 1
+            self.samples += batch_size
+            if first[0]:
+                first[0] = False
+                record(loss)
+            return loss
+
+        return counted
+
+
+def _grad_sq_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.stack([g.detach().pow(2).sum() for g in grads]).sum()
+
+
+def train(config: TrainConfig, on_epoch: Callable[[EpochMetrics], bool | None] | None = None) -> TrainResult:
+    """Run one training run; ``on_epoch(metrics)`` may return True to stop early (e.g. pruning).
+
+    Exceptions raised by ``on_epoch`` propagate (Optuna's ``TrialPruned`` does).
+    """
+    config.validate()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    workload = get_workload(config.workload)
+    if workload.kind == "function":
+        return _train_function(config, device, on_epoch)
+    return _train_supervised(config, device, on_epoch)
+
+
+def optimizer_arguments(config: TrainConfig) -> dict[str, Any]:
+    """The optimizer's arguments, with the trainer's defaults for a switch the config leaves out.
+
+    ``fuse_pv`` and ``adam_sgd`` without a ``switch`` switch at the middle epoch
+    (``{"criterion": "epoch", "epoch": epochs // 2}``): the paper's epoch criterion, which it
+    found best (Fig. 5), placed where the run's budget allows both phases to work.
+    """
+    arguments = dict(config.optimizer_args)
+    if config.optimizer in ("fuse_pv", "adam_sgd") and "switch" not in arguments:
+        arguments["switch"] = {"criterion": "epoch", "epoch": max(1, config.epochs // 2)}
+    return arguments
+
+
+def _switch_info(optimizer: Any) -> tuple[int | None, int | None, str | None]:
+    return (getattr(optimizer, "switched_at_epoch", None), getattr(optimizer, "switched_at_step", None),
+            getattr(optimizer, "switch_reason", None))
+
+
+def _in_second_phase(optimizer: Any) -> bool:
+    return getattr(optimizer, "phase", "adam") not in ("adam",)
+
+
+def _batch_size(config: TrainConfig, optimizer: Any) -> int:
+    """The minibatch size of the optimizer's current phase (paper Remark 2: larger after the switch)."""
+    if config.batch_size_after_switch is not None and _in_second_phase(optimizer):
+        return config.batch_size_after_switch
+    return config.batch_size
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _train_supervised(config: TrainConfig, device: torch.device,
+                      on_epoch: Callable[[EpochMetrics], bool | None] | None) -> TrainResult:
+    instance = build_supervised(config.workload, data_dir=config.data_dir, download=config.download,
+                                seed=config.seed, device=device, **config.workload_options)
+    model, data, loss_fn = instance.model, instance.data, instance.loss_fn
+    n = int(data.train_x.shape[0])
+    for name, size in (("batch_size", config.batch_size), ("batch_size_after_switch", config.batch_size_after_switch)):
+        if size is not None and size > n:
+            raise ValueError(f"{name}={size} is larger than the training set ({n} samples)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(config.optimizer, params, optimizer_arguments(config))
+    generator = torch.Generator().manual_seed(config.seed)
+    counter = _Counter()
+    history: list[EpochMetrics] = []
+    result = TrainResult(config, history)
+    wall, steps = 0.0, 0
+    for epoch in range(config.epochs):
+        model.train()
+        batch_losses: list[torch.Tensor] = []
+        grad_sq: list[torch.Tensor] = []
+        perm = torch.randperm(n, generator=generator).to(device)
+        _sync(device)
+        start = time.perf_counter()
+        cursor = 0
+        while cursor < n:
+            size = _batch_size(config, optimizer)
+            idx = perm[cursor:cursor + size]
+            cursor += size
+            xb, yb = data.train_x[idx], data.train_y[idx]
+
+            def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
+                optimizer.zero_grad(set_to_none=False)
+                loss = loss_fn(model, xb, yb)
+                loss.backward()
+                return loss
+
+            def record(loss: torch.Tensor) -> None:
+                batch_losses.append(loss.detach())
+                grad_sq.append(_grad_sq_norm(params))
+
+            optimizer.step(counter.wrap(closure, int(idx.numel()), record))
+            steps += 1
+        optimizer.end_epoch()
+        _sync(device)
+        wall += time.perf_counter() - start
+        metrics = _evaluate_supervised(model, data, loss_fn, config.eval_batch_size)
+        switch_epoch, switch_step, reason = _switch_info(optimizer)
+        metrics = EpochMetrics(
+            epoch=epoch, train_loss=metrics[0], batch_loss=float(torch.stack(batch_losses).mean()),
+            test_loss=metrics[1], test_accuracy=metrics[2], grad_sq_norm=float(torch.stack(grad_sq).mean()),
+            phase=optimizer_phase(optimizer, config.optimizer), switch_epoch=switch_epoch, switch_step=switch_step,
+            switch_reason=reason, wall_time=wall, grad_evals=counter.closure_calls,
+            closure_calls=counter.closure_calls, samples=counter.samples, steps=steps,
+            batch_size=_batch_size(config, optimizer),
+        )
+        if _record(result, metrics, on_epoch):
+            break
+    return result
+
+
+def _record(result: TrainResult, metrics: EpochMetrics, on_epoch) -> bool:
+    result.history.append(metrics)
+    target = result.config.target_loss
+    if target is not None and result.time_to_target is None and metrics.train_loss <= target:
+        result.time_to_target, result.grad_evals_to_target = metrics.wall_time, metrics.grad_evals
+    if not math.isfinite(metrics.train_loss):
+        result.stopped_early = True
+        return True
+    if on_epoch is not None and on_epoch(metrics):
+        result.stopped_early = True
+        return True
+    return False
+
+
+@torch.no_grad()
+def _evaluate_supervised(model: torch.nn.Module, data: Any, loss_fn: Any, chunk: int) -> tuple[float, float, float]:
+    """Full training objective, test loss (with the same penalty) and test accuracy."""
+    model.eval()
+
+    def mean_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        total, correct = 0.0, 0
+        for i in range(0, x.shape[0], chunk):
+            logits = model(x[i:i + chunk])
+            total += float(loss_fn.data_loss(logits, y[i:i + chunk])) * logits.shape[0]
+            correct += int((logits.argmax(1) == y[i:i + chunk]).sum())
+        return total / x.shape[0], correct
+
+    penalty = float(loss_fn.penalty(model))
+    train_loss, _ = mean_loss(data.train_x, data.train_y)
+    test_loss, correct = mean_loss(data.test_x, data.test_y)
+    return train_loss + penalty, test_loss + penalty, correct / data.test_x.shape[0]
+
+
+def _train_function(config: TrainConfig, device: torch.device,
+                    on_epoch: Callable[[EpochMetrics], bool | None] | None) -> TrainResult:
+    options = dict(config.workload_options)
+    unknown = sorted(set(options) - {"dim", "noise", "start"})
+    if unknown:
+        raise ValueError(f"workload {config.workload!r} got unknown option(s) {unknown}; accepted: "
+                         "['dim', 'noise', 'start']")
+    instance = build_function(config.workload, seed=config.seed, device=device, **options)
+    module = instance.module
+    params = list(module.parameters())
+    optimizer = build_optimizer(config.optimizer, params, optimizer_arguments(config))
+    counter = _Counter()
+    history: list[EpochMetrics] = []
+    result = TrainResult(config, history)
+    wall, steps = 0.0, 0
+    for epoch in range(config.epochs):
+        losses: list[torch.Tensor] = []
+        grad_sq: list[torch.Tensor] = []
+        start = time.perf_counter()
+        for _ in range(config.steps_per_epoch):
+            def closure() -> torch.Tensor:
+                optimizer.zero_grad(set_to_none=False)
+                loss = module()
+                loss.backward()
+                instance.add_noise()
+                return loss
+
+            def record(loss: torch.Tensor) -> None:
+                losses.append(loss.detach())
+                grad_sq.append(_grad_sq_norm(params))
+
+            optimizer.step(counter.wrap(closure, 1, record))
+            steps += 1
+        optimizer.end_epoch()
+        wall += time.perf_counter() - start
+        with torch.no_grad():
+            value = float(module())
+        switch_epoch, switch_step, reason = _switch_info(optimizer)
+        metrics = EpochMetrics(
+            epoch=epoch, train_loss=value, batch_loss=float(torch.stack(losses).mean()), test_loss=None,
+            test_accuracy=None, grad_sq_norm=float(torch.stack(grad_sq).mean()),
+            phase=optimizer_phase(optimizer, config.optimizer), switch_epoch=switch_epoch, switch_step=switch_step,
+            switch_reason=reason, wall_time=wall, grad_evals=counter.closure_calls,
+            closure_calls=counter.closure_calls, samples=counter.samples, steps=steps, batch_size=1,
+            gap=value - instance.f_star,
+        )
+        if _record(result, metrics, on_epoch):
+            break
+    return result
+
+
+def config_from_mapping(values: Mapping[str, Any]) -> TrainConfig:
+    """A TrainConfig from a flat dict of its fields (unknown keys are a one-line ValueError)."""
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown trainer setting(s) {unknown}; accepted: {sorted(names)}")
+    return TrainConfig(**values)
