@@ -25,7 +25,8 @@ def make_model_params(n: int, seed: int = 0) -> list[torch.nn.Parameter]:
     """A 1000 x 1000 linear layer plus bias: 1,001,000 parameters (two tensors, like a real layer)."""
     g = torch.Generator().manual_seed(seed)
     side = int(n**0.5)
-    return [torch.nn.Parameter(torch.randn(side, side, generator=g)), torch.nn.Parameter(torch.randn(side, generator=g))]
+    weight = torch.nn.Parameter(torch.randn(side, side, generator=g))
+    return [weight, torch.nn.Parameter(torch.randn(side, generator=g))]
 
 
 def adam_phase(repeats: int) -> dict[str, float]:

@@ -55,6 +55,8 @@ Closure = Callable[[], torch.Tensor]
 
 #: the default first trial step of each line-search policy (the ``lbfgs_lr=None`` choice)
 DEFAULT_LBFGS_LR = {"strong_wolfe": 1.0, "armijo": 0.1, "fixed": 0.1}
+#: the default closure-call budget of one line search
+DEFAULT_MAX_EVALUATIONS = {"strong_wolfe": 25, "armijo": 10, "fixed": 1}
 
 #: hyperparameters of the L-BFGS phase: one vector over all groups, so one value for all groups
 _LBFGS_KEYS = (
@@ -128,8 +130,9 @@ class _AdamLBFGSBase(Optimizer):
         track_grad_norm: bool,
     ) -> None:
         _check(_is_number(lr) and lr >= 0, "lr", lr, "a finite number >= 0")
-        _check(isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
-               "betas", betas, "a pair of numbers in [0, 1)")
+        betas_ok = isinstance(betas, (tuple, list)) and len(betas) == 2
+        _check(betas_ok and all(_is_number(b) and 0 <= b < 1 for b in betas), "betas", betas,
+               "a pair of numbers in [0, 1)")
         _check(_is_number(eps) and eps >= 0, "eps", eps, "a finite number >= 0")
         _check(_is_number(weight_decay) and weight_decay >= 0, "weight_decay", weight_decay, "a finite number >= 0")
         _check(isinstance(amsgrad, bool), "amsgrad", amsgrad, "True or False")
@@ -162,7 +165,7 @@ class _AdamLBFGSBase(Optimizer):
             history_size=history_size, line_search=policy,
             lbfgs_lr=DEFAULT_LBFGS_LR[policy] if lbfgs_lr is None else float(lbfgs_lr),
             c1=c1, c2=c2,
-            max_evaluations=max_evaluations if max_evaluations is not None else (25 if policy == "strong_wolfe" else 10),
+            max_evaluations=max_evaluations if max_evaluations is not None else DEFAULT_MAX_EVALUATIONS[policy],
             shrink=shrink, curvature=curvature, curvature_eps=curvature_eps,
             initial_inverse_hessian=initial_inverse_hessian, tolerance_grad=tolerance_grad,
             tolerance_change=tolerance_change,

@@ -134,7 +134,8 @@ def _command_train(args: argparse.Namespace) -> int:
     if result.stopped_early:
         print("  stopped early: the training loss became non-finite")
     if args.json:
-        Path(args.json).write_text(json.dumps({"config": vars(config), "history": [m.as_dict() for m in result.history]},
+        payload = {"config": vars(config), "history": [m.as_dict() for m in result.history]}
+        Path(args.json).write_text(json.dumps(payload,
                                               indent=2, default=str))
         print(f"  history written to {args.json}")
     return 0
