@@ -40,7 +40,7 @@ def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise CLIError(f"--set key must be a name or a dotted path, got {key!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _read_value(raw)
         except yaml.YAMLError:
             raise CLIError(f"--set {key}: cannot read value {raw!r} (numbers, true/false, null, [lists], {{dicts}}, "
                            "or text)") from None
@@ -53,6 +53,19 @@ def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
             target = existing
         target[parts[-1]] = value
     return result
+
+
+def _read_value(raw: str) -> Any:
+    """A YAML value, with YAML 1.1's blind spot fixed: ``1e-3`` is a float, not text."""
+    if not raw.strip():
+        return None
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _split_settings(workload_name: str, settings: dict[str, Any]) -> tuple[dict, dict, dict]:

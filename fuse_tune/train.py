@@ -111,7 +111,8 @@ class EpochMetrics:
     ``train_loss`` is the full training objective at the end of the epoch (for test functions:
     f(x)); ``batch_loss`` the mean minibatch loss over the epoch's steps; ``grad_sq_norm`` the mean
     of ``||g(x_k; B_k)||^2`` over the epoch's steps (paper Eq. 3's quantity); ``wall_time`` the
-    seconds spent training (evaluation excluded).
+    seconds spent training (evaluation excluded); ``phase`` the optimizer's phase at the last step
+    of the epoch (an epoch-criterion switch decided at the end of epoch e shows from epoch e + 1).
     """
 
     epoch: int
@@ -269,6 +270,8 @@ def _train_supervised(config: TrainConfig, device: torch.device,
 
             optimizer.step(counter.wrap(closure, int(idx.numel()), record))
             steps += 1
+        phase = optimizer_phase(optimizer, config.optimizer)  # the phase this epoch ended in
+        batch_size = _batch_size(config, optimizer)
         optimizer.end_epoch()
         _sync(device)
         wall += time.perf_counter() - start
@@ -277,10 +280,10 @@ def _train_supervised(config: TrainConfig, device: torch.device,
         metrics = EpochMetrics(
             epoch=epoch, train_loss=metrics[0], batch_loss=float(torch.stack(batch_losses).mean()),
             test_loss=metrics[1], test_accuracy=metrics[2], grad_sq_norm=float(torch.stack(grad_sq).mean()),
-            phase=optimizer_phase(optimizer, config.optimizer), switch_epoch=switch_epoch, switch_step=switch_step,
+            phase=phase, switch_epoch=switch_epoch, switch_step=switch_step,
             switch_reason=reason, wall_time=wall, grad_evals=counter.closure_calls,
             closure_calls=counter.closure_calls, samples=counter.samples, steps=steps,
-            batch_size=_batch_size(config, optimizer),
+            batch_size=batch_size,
         )
         if _record(result, metrics, on_epoch):
             break
@@ -353,6 +356,7 @@ def _train_function(config: TrainConfig, device: torch.device,
 
             optimizer.step(counter.wrap(closure, 1, record))
             steps += 1
+        phase = optimizer_phase(optimizer, config.optimizer)  # the phase this epoch ended in
         optimizer.end_epoch()
         wall += time.perf_counter() - start
         with torch.no_grad():
@@ -361,7 +365,7 @@ def _train_function(config: TrainConfig, device: torch.device,
         metrics = EpochMetrics(
             epoch=epoch, train_loss=value, batch_loss=float(torch.stack(losses).mean()), test_loss=None,
             test_accuracy=None, grad_sq_norm=float(torch.stack(grad_sq).mean()),
-            phase=optimizer_phase(optimizer, config.optimizer), switch_epoch=switch_epoch, switch_step=switch_step,
+            phase=phase, switch_epoch=switch_epoch, switch_step=switch_step,
             switch_reason=reason, wall_time=wall, grad_evals=counter.closure_calls,
             closure_calls=counter.closure_calls, samples=counter.samples, steps=steps, batch_size=1,
             gap=value - instance.f_star,
