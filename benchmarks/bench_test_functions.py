@@ -38,7 +38,8 @@ def main() -> None:
     print("| function | FusePV settings | gradient evaluations | FusePV f - f* | Adam(lr 1e-3) f - f* |")
     print("|---|---|---|---|---|")
     for workload in FUNCTIONS:
-        for label, fuse_args in (("defaults (armijo)", {}), ("line_search=strong_wolfe", {"line_search": "strong_wolfe"})):
+        settings = (("defaults (armijo)", {}), ("line_search=strong_wolfe", {"line_search": "strong_wolfe"}))
+        for label, fuse_args in settings:
             r = compare(workload, args.epochs, args.steps_per_epoch, **fuse_args)
             print(f"| {workload} | {label}, switch at step {r['switch_step']} | {r['evaluations']} "
                   f"| {r['fuse_pv_gap']:.3e} | {r['adam_gap']:.3e} |")
