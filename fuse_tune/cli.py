@@ -68,29 +68,6 @@ def _read_value(raw: str) -> Any:
     return value
 
 
-def _split_settings(workload_name: str, settings: dict[str, Any]) -> tuple[dict, dict, dict]:
-    """Route ``--set`` keys to the trainer, the workload, or the optimizer."""
-    from fuse_tune.train import TRAINER_KEYS
-    from fuse_tune.workloads import get_workload
-    from fuse_tune.workloads.models import model_options
-
-    workload = get_workload(workload_name)
-    workload_keys = set(workload.options)
-    if workload.kind == "function":
-        workload_keys |= {"dim", "noise", "start"}
-    elif workload.model:
-        workload_keys |= set(model_options(workload.model))
-    trainer, workload_options, optimizer = {}, {}, {}
-    for key, value in settings.items():
-        if key in TRAINER_KEYS:
-            trainer[key] = value
-        elif key in workload_keys:
-            workload_options[key] = value
-        else:
-            optimizer[key] = value
-    return trainer, workload_options, optimizer
-
-
 def _format_epoch(m: Any) -> str:
     parts = [f"epoch {m.epoch:3d}", f"phase {m.phase:6s}", f"train_loss {m.train_loss:.6g}"]
     if m.gap is not None:
@@ -109,7 +86,9 @@ def _command_train(args: argparse.Namespace) -> int:
     from fuse_tune.train import TrainConfig, train
 
     settings = parse_assignments(args.set or [])
-    trainer, workload_options, optimizer_args = _split_settings(args.workload, settings)
+    from fuse_tune.trial import split_settings
+
+    trainer, workload_options, optimizer_args = split_settings(args.workload, settings)
     overrides = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed), ("data_dir", args.data_dir),
                                    ("device", args.device), ("threads", args.threads)) if v is not None}
     config = TrainConfig(workload=args.workload, optimizer=args.optimizer, optimizer_args=optimizer_args,
@@ -154,6 +133,43 @@ def _command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_run(args: argparse.Namespace, *, must_exist: bool = False) -> int:
+    from fuse_tune.optuna_backend import run_study
+    from fuse_tune.spec import load_spec
+    from fuse_tune.tracking import default_tracking_uri, redact
+
+    spec = load_spec(args.study)
+    if args.backend == "ray":
+        raise CLIError("--backend ray is not built yet (the Ray Tune backend is a separate issue); "
+                       "use --backend optuna")
+    tracking = None if args.no_mlflow else (args.mlflow_uri or default_tracking_uri())
+    summary = run_study(spec, n_trials=args.n_trials, n_jobs=args.n_jobs, storage=args.storage, tracking_uri=tracking,
+                        must_exist=must_exist, threads=args.threads, device=args.device, progress=not args.quiet)
+    counts = summary.counts()
+    print(f"study {spec.name}: " + ", ".join(f"{n.lower()} {c}" for n, c in sorted(counts.items())))
+    rows = summary.best_rows()
+    if rows:
+        metric = spec.objective.metric
+        print(f"best configurations ({metric}, mean +- std over seeds {list(spec.seeds)}):")
+        print(f"  {'trial':>5}  {metric:>16}  {'std':>8}  {'switch epochs':>13}  parameters")
+        for row in rows:
+            switch = ",".join("-" if e is None else str(e) for e in (row["switch_epochs"] or []))
+            params = ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items())
+            std = "" if row["std"] is None else f"{row['std']:.4g}"
+            print(f"  {row['trial']:>5}  {row['value']:>16.6g}  {std:>8}  {switch:>13}  {params}")
+    print(f"storage: {redact(summary.storage_url)}")
+    if summary.tracking_uri:
+        print(f"browse the runs: mlflow ui --backend-store-uri {redact(summary.tracking_uri)}")
+    url = summary.storage_url
+    dashboard = url[len("journal:"):] if url.startswith("journal:") else redact(url)
+    print(f"browse the study: optuna-dashboard {dashboard}")
+    return 0
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def _command_list(args: argparse.Namespace) -> int:
     from fuse_tune.optimizers import OPTIMIZERS, accepted_arguments
     from fuse_tune.workloads import WORKLOADS
@@ -189,6 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", help="write the per-epoch history to this JSON file")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=_command_train)
+    for command, text in (("run", "run (or resume) a study from a YAML file"),
+                          ("resume", "resume an existing study (it must exist in the storage)")):
+        runner = sub.add_parser(command, help=text)
+        runner.add_argument("study", help="a study file, e.g. studies/quickstart.yaml")
+        runner.add_argument("--n-trials", type=int, help="finished trials to reach (default: the file's budget)")
+        runner.add_argument("--n-jobs", type=int, default=1, help="worker processes on this machine")
+        runner.add_argument("--storage", help="journal:PATH (default ./fuse-studies.log), sqlite:///..., postgresql://...")
+        runner.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///$PWD/mlflow.db)")
+        runner.add_argument("--no-mlflow", action="store_true", help="do not track in MLflow")
+        runner.add_argument("--backend", choices=["optuna", "ray"], default="optuna")
+        runner.add_argument("--threads", type=int, help="torch threads per worker (default: cores / n-jobs)")
+        runner.add_argument("--device", help="auto (default), cpu or cuda[:i]")
+        runner.add_argument("--quiet", action="store_true", help="no progress bar")
+        runner.set_defaults(handler=_command_run if command == "run" else
+                            (lambda a: _command_run(a, must_exist=True)))
     listing = sub.add_parser("list", help="workloads, optimizers and studies")
     listing.add_argument("--studies", default="studies", help="folder of study files")
     listing.set_defaults(handler=_command_list)

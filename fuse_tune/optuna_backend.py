@@ -1,0 +1,467 @@
+"""Optuna backend: a study file -> an Optuna study in durable storage, workers, MLflow runs.
+
+Storage (``--storage`` or the study file's ``storage``):
+
+* default: Optuna's journal file ``./fuse-studies.log`` (``JournalFileBackend``), safe for several
+  worker processes on one machine; ``journal:PATH`` names another file;
+* ``sqlite:///...``: one process only (SQLite locks under parallel writers);
+* any other SQLAlchemy URL (``postgresql://...``): many machines. Workers send heartbeats; a trial
+  whose worker died is failed by the next worker and retried once with the same parameters.
+
+Exactly ``trials`` trials finish (complete or pruned) however many workers share the study: a
+worker starts a trial only while fewer than ``trials`` are finished or running, and a trial that
+loses a race (its number comes after ``trials`` live ones) is marked failed without running.
+Re-running the same command resumes the study; a study whose search space changed is refused.
+A worker killed with SIGKILL leaves a RUNNING trial behind: on one machine the next run sees that
+the worker's process is gone, marks the trial failed and retries its parameters.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fuse_tune.spec import SpecError, StudySpec, load_spec
+from fuse_tune.tracking import MlflowTracker, NullTracker, default_tracking_uri, redact, versions
+from fuse_tune.trial import TrialOutcome, run_trial, suggest
+
+__all__ = ["StudyMismatch", "open_storage", "prepare_study", "run_study", "StudySummary", "DEFAULT_JOURNAL"]
+
+DEFAULT_JOURNAL = "fuse-studies.log"
+
+
+class StudyMismatch(SpecError):
+    """The stored study was created from a different search space."""
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:  # pragma: no cover
+        raise ValueError("studies need the 'tuning' extra: pip install 'fuse[tuning]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def resolve_storage_url(url: str | None, workdir: str | os.PathLike[str] | None = None) -> str:
+    """An absolute storage URL: the default journal, ``journal:PATH``, a ``*.log`` path, or a DB URL."""
+    workdir = Path(workdir or os.getcwd())
+    if url is None:
+        return f"journal:{(workdir / DEFAULT_JOURNAL).resolve()}"
+    if url.startswith("journal:"):
+        return f"journal:{(workdir / url[len('journal:'):]).resolve()}"
+    if "://" not in url:
+        if url.endswith((".log", ".jsonl", ".journal")):
+            return f"journal:{(workdir / url).resolve()}"
+        raise ValueError(f"storage must be a URL (sqlite:///..., postgresql://...) or journal:PATH, "
+                         f"got {redact(url)!r}")
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        return f"sqlite:///{(workdir / url[len('sqlite:///'):]).resolve()}"
+    return url
+
+
+def open_storage(url: str) -> Any:
+    """The Optuna storage object for a URL from :func:`resolve_storage_url`."""
+    optuna = _optuna()
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        path = Path(url[len("journal:"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith("sqlite:"):
+        return optuna.storages.RDBStorage(url)
+    try:
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=30, grace_period=90,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+            engine_kwargs={"pool_pre_ping": True},
+        )
+    except Exception as exc:  # connection refused, bad credentials, missing driver, ...
+        raise ValueError(f"storage {redact(url)}: cannot open ({type(exc).__name__}: "
+                         f"{redact(str(exc).splitlines()[0] if str(exc) else '')})") from None
+
+
+def make_sampler(spec: StudySpec, worker_index: int = 0) -> Any:
+    optuna = _optuna()
+    options = spec.sampler
+    seed = options.get("seed")
+    if seed is not None:
+        seed = seed + worker_index  # distinct streams per worker process, reproducible per worker
+    name = options["name"]
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=options.get("n_startup_trials", 10))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    grid = {p.name: list(p.choices) for p in spec.search}
+    return optuna.samplers.GridSampler(grid, seed=seed)
+
+
+def make_pruner(spec: StudySpec) -> Any:
+    optuna = _optuna()
+    options = spec.pruner
+    if options["name"] == "none" or spec.objective.cost is not None:
+        return optuna.pruners.NopPruner()
+    if options["name"] == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=options.get("n_startup_trials", 4),
+                                           n_warmup_steps=options.get("n_warmup_steps", 1))
+    return optuna.pruners.HyperbandPruner(min_resource=options.get("min_resource", 1),
+                                          max_resource=spec.epochs * len(spec.seeds),
+                                          reduction_factor=options.get("reduction_factor", 3))
+
+
+def prepare_study(spec: StudySpec, storage_url: str, *, must_exist: bool = False) -> Any:
+    """Create the study, or load it after checking it was made from the same search space."""
+    optuna = _optuna()
+    storage = open_storage(storage_url)
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=make_sampler(spec),
+                                  pruner=make_pruner(spec))
+    except KeyError:
+        if must_exist:
+            raise ValueError(f"no study named {spec.name!r} in {redact(storage_url)}; start it with "
+                             f"`fuse-tune run {spec.path or 'STUDY.yaml'}`") from None
+        study = optuna.create_study(study_name=spec.name, storage=storage, directions=spec.objective.directions,
+                                    sampler=make_sampler(spec), pruner=make_pruner(spec), load_if_exists=True)
+        if "fuse.fingerprint" not in study.user_attrs:
+            study.set_user_attr("fuse.fingerprint", spec.fingerprint())
+            study.set_user_attr("fuse.versions", versions())
+            study.set_user_attr("fuse.objective", spec.objective.metric)
+        return study
+    stored = study.user_attrs.get("fuse.fingerprint")
+    if stored != spec.fingerprint():
+        raise StudyMismatch(
+            f"study {spec.name!r} in {redact(storage_url)} was created from a different search space or settings "
+            f"(fingerprint {stored} != {spec.fingerprint()}); give the study a new name, or delete it with "
+            f"`optuna delete-study --study-name {spec.name} --storage ...`")
+    return study
+
+
+# ------------------------------------------------------------------ workers
+
+
+def _states():
+    from optuna.trial import TrialState
+
+    return TrialState
+
+
+def _fail_dead_local_trials(study: Any) -> int:
+    """RUNNING trials whose worker process on this host is gone: mark failed and retry their parameters."""
+    TrialState = _states()
+    host = socket.gethostname()
+    failed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = trial.system_attrs
+        pid = attrs.get("fuse.pid")
+        if attrs.get("fuse.host") != host or pid is None or _alive(int(pid)):
+            continue
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except Exception:  # another worker got there first
+            continue
+        study._storage.set_trial_system_attr(trial._trial_id, "fuse.fail_reason", f"worker pid {pid} died")
+        if "fuse.retry_of" not in trial.system_attrs:
+            study.enqueue_trial(trial.params, user_attrs={"fuse.retry_of": trial.number})
+        failed += 1
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed child not yet reaped) is dead for our purposes
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _count(study: Any) -> tuple[int, int]:
+    TrialState = _states()
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    return finished, running
+
+
+class _Surplus(Exception):
+    """This trial lost the race for the last slot of the budget."""
+
+
+@dataclass
+class WorkerConfig:
+    spec_path: str
+    storage_url: str
+    tracking_uri: str | None
+    parent_run_id: str | None
+    n_trials: int
+    timeout: float | None
+    worker_index: int
+    threads: int | None
+    device: str | None
+
+
+def _objective_factory(spec: StudySpec, config: WorkerConfig, tracker: Any, study: Any) -> Callable[[Any], Any]:
+    optuna = _optuna()
+    TrialState = _states()
+    multi = spec.objective.cost is not None
+
+    def objective(trial: Any) -> Any:
+        # Race guard: only the first n_trials live trials (not failed) run.
+        earlier = [t for t in study.get_trials(deepcopy=False)
+                   if t.number < trial.number and t.state != TrialState.FAIL]
+        if len(earlier) >= config.n_trials:
+            trial.set_user_attr("fuse.surplus", True)
+            raise _Surplus()
+        storage, trial_id = study._storage, trial._trial_id
+        storage.set_trial_system_attr(trial_id, "fuse.pid", os.getpid())
+        storage.set_trial_system_attr(trial_id, "fuse.host", socket.gethostname())
+        sampled = suggest(trial, spec.search)
+        settings = spec.configuration(sampled)
+        run = tracker.start_trial(
+            config.parent_run_id, f"{spec.name}-trial-{trial.number}", settings,
+            {"fuse.study": spec.name, "fuse.trial": trial.number, "fuse.workload": spec.workload,
+             "fuse.optimizer": spec.optimizer, "fuse.seeds": ",".join(map(str, spec.seeds)),
+             "fuse.criterion": (settings.get("switch") or {}).get("criterion", "") if isinstance(
+                 settings.get("switch"), dict) else settings.get("switch", ""),
+             "fuse.backend": "optuna", **versions()},
+        )
+        if run.run_id is not None:
+            storage.set_trial_system_attr(trial_id, "fuse.mlflow_run_id", run.run_id)
+
+        def report(step: int, value: float) -> None:
+            if multi or not math.isfinite(value):
+                return
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step}")
+
+        try:
+            outcome = run_trial(spec, sampled, report=report, run=run, threads=config.threads, device=config.device)
+        except optuna.TrialPruned:
+            run.set_tags({"fuse.state": "pruned"})
+            run.finish("FINISHED")
+            raise
+        except BaseException as exc:
+            run.set_tags({"fuse.state": "failed", "fuse.error": f"{type(exc).__name__}: {exc}"})
+            run.finish("FAILED" if isinstance(exc, Exception) else "KILLED")
+            raise
+        _record_outcome(trial, run, outcome, spec)
+        run.finish("FINISHED")
+        return outcome.values(multi)
+
+    return objective
+
+
+def _record_outcome(trial: Any, run: Any, outcome: TrialOutcome, spec: StudySpec) -> None:
+    trial.set_user_attr("value_std", outcome.std)
+    trial.set_user_attr("per_seed", outcome.per_seed)
+    trial.set_user_attr("switch_epochs", outcome.switch_epochs)
+    trial.set_user_attr("epochs_run", outcome.epochs_run)
+    if outcome.cost is not None:
+        trial.set_user_attr("cost", outcome.cost)
+    switch_epochs = [e for e in outcome.switch_epochs if e is not None]
+    run.set_tags({
+        "fuse.state": "complete",
+        "fuse.switch_epoch": ",".join("none" if e is None else str(e) for e in outcome.switch_epochs),
+        "fuse.switch_reason": next((r for r in outcome.switch_reasons if r), "none"),
+    })
+    metric = f"objective.{spec.objective.metric}"
+    summary = {metric: outcome.value, f"{metric}.std": outcome.std,
+               "epochs_run": float(outcome.epochs_run)}
+    if switch_epochs:
+        summary["switch_epoch.mean"] = sum(switch_epochs) / len(switch_epochs)
+    if outcome.cost is not None:
+        summary[f"cost.{spec.objective.cost}"] = outcome.cost
+    run.log_metrics({k: v for k, v in summary.items() if math.isfinite(v)})
+    # Per-epoch means over seeds under the plain metric names (step = epoch).
+    if hasattr(run, "log_series") and outcome.histories:
+        length = min(len(h) for h in outcome.histories)
+        series: dict[str, list[float]] = {}
+        for key in ("train_loss", "test_accuracy", "test_loss", "grad_sq_norm", "wall_time", "grad_evals"):
+            columns = [[getattr(h[i], key) for h in outcome.histories] for i in range(length)]
+            if all(v is not None for column in columns for v in column):
+                series[key] = [sum(column) / len(column) for column in columns]
+        run.log_series({k: v for k, v in series.items() if all(math.isfinite(x) for x in v)})
+
+
+def work(config: WorkerConfig, on_trial: Callable[[], None] | None = None) -> int:
+    """One worker: run trials until the study has ``n_trials`` finished ones (or the timeout)."""
+    optuna = _optuna()
+    spec = load_spec(config.spec_path, check=False)
+    storage = open_storage(config.storage_url)
+    study = optuna.load_study(study_name=spec.name, storage=storage,
+                              sampler=make_sampler(spec, config.worker_index), pruner=make_pruner(spec))
+    tracker = MlflowTracker(config.tracking_uri, experiment=spec.name) if config.tracking_uri else NullTracker()
+    objective = _objective_factory(spec, config, tracker, study)
+    started = time.monotonic()
+    ran = 0
+    while True:
+        _fail_dead_local_trials(study)
+        finished, running = _count(study)
+        if finished + running >= config.n_trials:
+            break
+        if config.timeout is not None and time.monotonic() - started >= config.timeout:
+            break
+        try:
+            study.optimize(objective, n_trials=1, catch=(), gc_after_trial=False)
+        except _Surplus:
+            break
+        except (SpecError, FileNotFoundError):
+            raise
+        except Exception as exc:  # one bad configuration must not end the study: the trial is FAILED
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            print(f"fuse-tune: trial failed: {type(exc).__name__}: {redact(first_line)}",
+                  file=sys.stderr)
+        ran += 1
+        if on_trial is not None:
+            on_trial()
+    return ran
+
+
+def _worker_main(config: WorkerConfig) -> None:
+    """Entry point of a spawned worker process."""
+    try:
+        if config.threads is not None:
+            import torch
+
+            torch.set_num_threads(config.threads)
+        work(config)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (SpecError, ValueError, FileNotFoundError) as exc:
+        print(f"fuse-tune: error: {redact(str(exc).splitlines()[0])}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ------------------------------------------------------------------ driver
+
+
+@dataclass
+class StudySummary:
+    study: Any
+    storage_url: str
+    tracking_uri: str | None
+    parent_run_id: str | None
+
+    def best_rows(self, limit: int = 5) -> list[dict[str, Any]]:
+        TrialState = _states()
+        complete = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        if not complete:
+            return []
+        maximize = self.study.directions[0].name == "MAXIMIZE"
+        complete.sort(key=lambda t: t.values[0], reverse=maximize)
+        return [{"trial": t.number, "value": t.values[0], "std": t.user_attrs.get("value_std"),
+                 "cost": t.user_attrs.get("cost"), "switch_epochs": t.user_attrs.get("switch_epochs"),
+                 "params": t.params} for t in complete[:limit]]
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.study.get_trials(deepcopy=False):
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        return counts
+
+
+def run_study(spec: StudySpec, *, n_trials: int | None = None, n_jobs: int = 1, storage: str | None = None,
+              tracking_uri: str | None = "default", must_exist: bool = False, threads: int | None = None,
+              device: str | None = None, progress: bool = True) -> StudySummary:
+    """Run (or resume) a study to ``n_trials`` finished trials with ``n_jobs`` worker processes."""
+    if n_jobs < 1:
+        raise ValueError(f"--n-jobs must be >= 1, got {n_jobs}")
+    n_trials = n_trials if n_trials is not None else spec.trials
+    if n_trials < 1:
+        raise ValueError(f"--n-trials must be >= 1, got {n_trials}")
+    storage_url = resolve_storage_url(storage or spec.storage)
+    if storage_url.startswith("sqlite:") and n_jobs > 1:
+        raise ValueError("storage: SQLite locks under parallel writers; with --n-jobs > 1 use the default journal "
+                         "file or a PostgreSQL URL")
+    study = prepare_study(spec, storage_url, must_exist=must_exist)
+    _fail_dead_local_trials(study)
+    if tracking_uri == "default":
+        tracking_uri = default_tracking_uri()
+    parent_run_id = None
+    if tracking_uri:
+        tracker = MlflowTracker(tracking_uri, experiment=spec.name)
+        parent_run_id = tracker.start_study(
+            spec.name,
+            tags={"fuse.workload": spec.workload, "fuse.optimizer": spec.optimizer, "fuse.storage": redact(storage_url),
+                  "fuse.fingerprint": spec.fingerprint(), "fuse.backend": "optuna", **versions()},
+            params={"workload": spec.workload, "optimizer": spec.optimizer, "epochs": spec.epochs,
+                    "seeds": ",".join(map(str, spec.seeds)), "objective": spec.objective.metric,
+                    "sampler": spec.sampler["name"], "pruner": spec.pruner["name"], "trials": n_trials,
+                    "fixed": spec.fixed},
+            artifact=spec.path,
+        )
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // n_jobs)
+    base = WorkerConfig(spec_path=spec.path, storage_url=storage_url, tracking_uri=tracking_uri,
+                        parent_run_id=parent_run_id, n_trials=n_trials, timeout=spec.timeout, worker_index=0,
+                        threads=threads, device=device)
+    from tqdm import tqdm
+
+    bar = tqdm(total=n_trials, initial=min(_count(study)[0], n_trials), desc=spec.name, unit="trial",
+               file=sys.stderr, disable=not progress or None)
+    status = "FINISHED"
+    try:
+        if n_jobs == 1:
+            import torch
+
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                work(base, on_trial=lambda: bar.update(min(_count(study)[0], n_trials) - bar.n))
+            finally:
+                torch.set_num_threads(previous)
+        else:
+            _run_processes(base, n_jobs, study, bar, n_trials)
+    except BaseException:
+        status = "KILLED"
+        raise
+    finally:
+        bar.update(max(0, min(_count(study)[0], n_trials) - bar.n))
+        bar.close()
+        if tracking_uri and parent_run_id:
+            MlflowTracker(tracking_uri, experiment=spec.name).finish_study(parent_run_id, status)
+    return StudySummary(study, storage_url, tracking_uri, parent_run_id)
+
+
+def _run_processes(base: WorkerConfig, n_jobs: int, study: Any, bar: Any, n_trials: int) -> None:
+    context = multiprocessing.get_context("spawn")
+    processes = []
+    for index in range(n_jobs):
+        config = WorkerConfig(**{**base.__dict__, "worker_index": index})
+        process = context.Process(target=_worker_main, args=(config,), name=f"fuse-worker-{index}")
+        process.start()
+        processes.append(process)
+    try:
+        while any(p.is_alive() for p in processes):
+            time.sleep(1.0)
+            bar.update(max(0, min(_count(study)[0], n_trials) - bar.n))
+    except KeyboardInterrupt:
+        for process in processes:
+            process.terminate()
+        raise
+    for process in processes:
+        process.join()
+    codes = [p.exitcode for p in processes]
+    if any(code == 2 for code in codes):
+        raise ValueError("a worker stopped on an error (see the line above)")
+    if any(code not in (0, None) for code in codes):
+        raise RuntimeError(f"worker processes exited with codes {codes}")

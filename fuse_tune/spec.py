@@ -1,0 +1,411 @@
+"""Study files: YAML -> validated, typed :class:`StudySpec`.
+
+A study file says what to tune and how::
+
+    name: quickstart                     # study name (storage key, MLflow parent run name)
+    workload: digits-logreg              # fuse-tune list
+    optimizer: fuse_pv                   # sgd | adam | adam_sgd | lbfgs | fuse_pv | fuse
+    epochs: 8
+    seeds: [0, 1]                        # every configuration runs on each of these (paired seeds)
+    fixed:                               # settings that do not vary (dotted keys nest)
+      batch_size: 64
+      lr: 0.01
+    search:                              # the search space; dotted names nest into dicts
+      switch.criterion: {type: categorical, choices: [epoch, grad_norm, loss_change]}
+      switch.epoch: {type: int, low: 1, high: 6, when: {switch.criterion: epoch}}
+      switch.zeta: {type: float, low: 1.0e-4, high: 1.0, log: true, when: {switch.criterion: grad_norm}}
+      history_size: {type: int, low: 3, high: 20}
+    objective: {metric: test_accuracy}   # test_accuracy | train_loss | time_to_target (+ target_loss)
+                                         # optional cost: grad_evals | wall_time (second objective)
+    budget: {trials: 12, timeout: null}  # timeout in seconds
+    sampler: {name: tpe, seed: 0}        # tpe | random | qmc | cmaes | grid
+    pruner: {name: median}               # median | hyperband | none (reports once per epoch)
+    storage: null                        # null: journal file ./fuse-studies.log; sqlite:///..., postgresql://...
+
+Every setting name (fixed or searched) is routed by its first dotted part: a trainer setting
+(``batch_size``, ``batch_size_after_switch``, ...), a workload option (``l2``, ``hidden_sizes``,
+...), or else an optimizer argument (``lr``, ``switch``, ``theta``, ``history_size``, ...).
+A parameter with ``when: {other: value}`` is sampled only when ``other`` took ``value`` (or one of
+a list of values), which is how the criterion's own switch epoch / zeta / sigma and the theta
+schedule's own parameters are conditional.
+
+Errors are :class:`SpecError`: one line naming the file and the field, the value given and what is
+accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["SpecError", "Param", "Objective", "StudySpec", "load_spec", "parse_spec", "nest", "OBJECTIVES"]
+
+OBJECTIVES = {"test_accuracy": "maximize", "train_loss": "minimize", "time_to_target": "minimize"}
+COSTS = ("grad_evals", "wall_time")
+SAMPLERS = ("tpe", "random", "qmc", "cmaes", "grid")
+PRUNERS = ("median", "hyperband", "none")
+TOP_LEVEL = ("name", "description", "workload", "optimizer", "epochs", "seeds", "fixed", "search", "objective",
+             "budget", "sampler", "pruner", "storage", "resources", "data_dir")
+
+
+class SpecError(ValueError):
+    """A study file is invalid; the message is one line naming the field."""
+
+
+def _fail(where: str, message: str) -> SpecError:
+    return SpecError(f"{where}: {message}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched parameter: ``float``/``int`` in [low, high] (``log``, ``step``) or ``categorical``."""
+
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    def active(self, values: Mapping[str, Any]) -> bool:
+        """Whether this parameter applies, given the values sampled so far."""
+        return all(name in values and values[name] in allowed for name, allowed in self.when)
+
+    def extremes(self) -> list[Any]:
+        """Values a dry run should try: both ends of a range, every choice."""
+        if self.type == "categorical":
+            return list(self.choices)
+        return [self.low, self.high]
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str = "test_accuracy"
+    target_loss: float | None = None
+    cost: str | None = None
+
+    @property
+    def direction(self) -> str:
+        return OBJECTIVES[self.metric]
+
+    @property
+    def directions(self) -> list[str]:
+        return [self.direction] + (["minimize"] if self.cost else [])
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A validated study file."""
+
+    name: str
+    workload: str
+    optimizer: str
+    epochs: int
+    seeds: tuple[int, ...]
+    fixed: dict[str, Any]
+    search: tuple[Param, ...]
+    objective: Objective
+    trials: int
+    timeout: float | None
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+    storage: str | None
+    description: str = ""
+    resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0, "gpu": 0.0})
+    data_dir: str | None = None
+    source: str = ""  # the YAML text, logged as an artifact
+    path: str | None = None
+
+    def fingerprint(self) -> str:
+        """Hash of what defines the search (not the budget): resuming a study requires it to match."""
+        defining = {
+            "workload": self.workload, "optimizer": self.optimizer, "epochs": self.epochs, "seeds": list(self.seeds),
+            "fixed": self.fixed, "search": [asdict(p) for p in self.search], "objective": asdict(self.objective),
+        }
+        text = json.dumps(defining, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def configuration(self, sampled: Mapping[str, Any]) -> dict[str, Any]:
+        """Fixed settings overlaid with sampled ones, as one nested dict."""
+        flat = dict(_flatten(self.fixed))
+        flat.update(sampled)
+        return nest(flat)
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            items.extend(_flatten(value, name + "."))
+        else:
+            items.append((name, value))
+    return items
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"switch.criterion": "epoch", "switch.epoch": 3}`` -> ``{"switch": {"criterion": "epoch", "epoch": 3}}``."""
+    result: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        target = result
+        for part in parts[:-1]:
+            existing = target.setdefault(part, {})
+            if not isinstance(existing, dict):
+                raise SpecError(f"{key}: {part!r} is both a value and a group of settings")
+            target = existing
+        target[parts[-1]] = value
+    return result
+
+
+def _number(raw: Any, where: str) -> float:
+    """A YAML number; also accepts text like ``1e-3`` (YAML 1.1 reads it as a string)."""
+    if isinstance(raw, str):
+        try:
+            raw = float(raw)
+        except ValueError:
+            raise _fail(where, f"expected a number, got {raw!r}") from None
+    if not _is_number(raw):
+        raise _fail(where, f"expected a finite number, got {raw!r}")
+    return raw
+
+
+def _numbers_in(value: Any) -> Any:
+    """Turn YAML-1.1 strings like ``1e-3`` into floats, recursively."""
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in "eE.") and value.strip()[0] in "0123456789+-." else value
+        except ValueError:
+            return value
+    if isinstance(value, list):
+        return [_numbers_in(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _numbers_in(v) for k, v in value.items()}
+    return value
+
+
+def _parse_param(name: str, raw: Any) -> Param:
+    where = f"search.{name}"
+    if not isinstance(raw, Mapping):
+        raise _fail(where, f"expected a mapping like {{type: float, low: 1e-4, high: 1e-1}}, got {raw!r}")
+    accepted = {"type", "low", "high", "log", "step", "choices", "when"}
+    unknown = sorted(set(raw) - accepted)
+    if unknown:
+        raise _fail(where, f"unknown key(s) {unknown}; accepted: {sorted(accepted)}")
+    kind = raw.get("type")
+    if kind not in ("float", "int", "categorical"):
+        raise _fail(f"{where}.type", f"expected one of ['categorical', 'float', 'int'], got {kind!r}")
+    when: list[tuple[str, tuple[Any, ...]]] = []
+    if "when" in raw:
+        if not isinstance(raw["when"], Mapping) or not raw["when"]:
+            raise _fail(f"{where}.when", f"expected a mapping {{parameter: value}}, got {raw['when']!r}")
+        for other, allowed in raw["when"].items():
+            allowed = tuple(allowed) if isinstance(allowed, list) else (allowed,)
+            when.append((str(other), tuple(_numbers_in(list(allowed)))))
+    if kind == "categorical":
+        for key in ("low", "high", "log", "step"):
+            if key in raw:
+                raise _fail(f"{where}.{key}", "not used by a categorical parameter (give 'choices')")
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise _fail(f"{where}.choices", f"expected a non-empty list, got {choices!r}")
+        for choice in choices:
+            if not (choice is None or isinstance(choice, (str, int, float, bool))):
+                raise _fail(f"{where}.choices", f"choices must be numbers, text, true/false or null, got {choice!r}")
+        return Param(name, kind, choices=tuple(_numbers_in(choices)), when=tuple(when))
+    if "choices" in raw:
+        raise _fail(f"{where}.choices", f"not used by a {kind} parameter (give 'low' and 'high')")
+    for key in ("low", "high"):
+        if key not in raw:
+            raise _fail(f"{where}.{key}", "missing")
+    low, high = _number(raw["low"], f"{where}.low"), _number(raw["high"], f"{where}.high")
+    if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
+        raise _fail(where, f"an int parameter needs integer bounds, got low={low!r}, high={high!r}")
+    if low > high:
+        raise _fail(where, f"low must be <= high, got low={low!r}, high={high!r}")
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise _fail(f"{where}.log", f"expected true or false, got {log!r}")
+    if log and low <= 0:
+        raise _fail(f"{where}.low", f"a log-scaled range needs low > 0, got {low!r}")
+    step = raw.get("step")
+    if step is not None:
+        step = _number(step, f"{where}.step")
+        if step <= 0 or log:
+            raise _fail(f"{where}.step", f"expected a number > 0 and no log scale, got step={step!r}, log={log}")
+    if kind == "int":
+        low, high = int(low), int(high)
+        step = int(step) if step is not None else None
+    return Param(name, kind, low=low, high=high, log=log, step=step, when=tuple(when))
+
+
+def _mapping(raw: Any, where: str, accepted: set[str]) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise _fail(where, f"expected a mapping, got {raw!r}")
+    unknown = sorted(set(raw) - accepted)
+    if unknown:
+        raise _fail(where, f"unknown key(s) {unknown}; accepted: {sorted(accepted)}")
+    return dict(raw)
+
+
+def parse_spec(raw: Any, *, source: str = "", path: str | None = None) -> StudySpec:
+    """Validate a loaded YAML document into a StudySpec (no workload or optimizer checks yet)."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"study file must be a YAML mapping of settings, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(TOP_LEVEL))
+    if unknown:
+        raise _fail(unknown[0], f"unknown field; accepted: {sorted(TOP_LEVEL)}")
+    for key in ("name", "workload", "optimizer"):
+        if key not in raw:
+            raise _fail(key, "missing (required)")
+        if not isinstance(raw[key], str) or not raw[key].strip():
+            raise _fail(key, f"expected a non-empty text, got {raw[key]!r}")
+    name = raw["name"]
+    if any(c in name for c in "/\\\n"):
+        raise _fail("name", f"must not contain '/', '\\' or newlines, got {name!r}")
+    epochs = raw.get("epochs", 10)
+    if not _is_int(epochs) or epochs < 1:
+        raise _fail("epochs", f"expected an integer >= 1, got {epochs!r}")
+    seeds = raw.get("seeds", [0])
+    if _is_int(seeds):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
+        raise _fail("seeds", f"expected a non-empty list of integers >= 0, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise _fail("seeds", f"seeds must be distinct, got {seeds!r}")
+    fixed = raw.get("fixed") or {}
+    if not isinstance(fixed, Mapping):
+        raise _fail("fixed", f"expected a mapping of settings, got {fixed!r}")
+    fixed = nest(dict(_flatten(_numbers_in(dict(fixed)))))
+    search_raw = raw.get("search")
+    if search_raw is None or (isinstance(search_raw, Mapping) and not search_raw):
+        raise _fail("search", "the search space is empty: give at least one parameter to search")
+    if not isinstance(search_raw, Mapping):
+        raise _fail("search", f"expected a mapping of parameter -> distribution, got {search_raw!r}")
+    search = tuple(_parse_param(str(k), v) for k, v in search_raw.items())
+    names = {p.name for p in search}
+    earlier: set[str] = set()
+    for param in search:
+        for other, _ in param.when:
+            if other not in names:
+                raise _fail(f"search.{param.name}.when", f"refers to {other!r}, which is not a searched parameter")
+            if other not in earlier:
+                raise _fail(f"search.{param.name}.when", f"refers to {other!r}, which must be listed before it")
+        earlier.add(param.name)
+    flat_fixed = dict(_flatten(fixed))
+    clash = sorted(names & set(flat_fixed))
+    if clash:
+        raise _fail(f"search.{clash[0]}", "is also in 'fixed'; give it in one place")
+
+    objective_raw = _mapping(raw.get("objective"), "objective", {"metric", "target_loss", "cost"})
+    metric = objective_raw.get("metric", "test_accuracy")
+    if metric not in OBJECTIVES:
+        raise _fail("objective.metric", f"expected one of {sorted(OBJECTIVES)}, got {metric!r}")
+    target = objective_raw.get("target_loss")
+    if target is not None:
+        target = _number(target, "objective.target_loss")
+    if metric == "time_to_target" and target is None:
+        raise _fail("objective.target_loss", "required when objective.metric is time_to_target")
+    cost = objective_raw.get("cost")
+    if cost is not None and cost not in COSTS:
+        raise _fail("objective.cost", f"expected one of {list(COSTS)} or null, got {cost!r}")
+    objective = Objective(metric, target, cost)
+
+    budget = _mapping(raw.get("budget"), "budget", {"trials", "timeout"})
+    trials = budget.get("trials", 20)
+    if not _is_int(trials) or trials < 1:
+        raise _fail("budget.trials", f"expected an integer >= 1, got {trials!r}")
+    timeout = budget.get("timeout")
+    if timeout is not None and (not _is_number(timeout) or timeout <= 0):
+        raise _fail("budget.timeout", f"expected a number of seconds > 0 or null, got {timeout!r}")
+
+    sampler = _mapping(raw.get("sampler"), "sampler", {"name", "seed", "n_startup_trials"})
+    sampler.setdefault("name", "tpe")
+    if sampler["name"] not in SAMPLERS:
+        raise _fail("sampler.name", f"expected one of {list(SAMPLERS)}, got {sampler['name']!r}")
+    if "seed" in sampler and not (_is_int(sampler["seed"]) and sampler["seed"] >= 0):
+        raise _fail("sampler.seed", f"expected an integer >= 0, got {sampler['seed']!r}")
+    if sampler["name"] == "grid":
+        for param in search:
+            if param.type != "categorical":
+                raise _fail(f"search.{param.name}", "the grid sampler needs categorical parameters (give 'choices')")
+    if sampler["name"] == "cmaes" and any(p.type == "categorical" or p.when for p in search):
+        pass  # Optuna's CMA-ES falls back to random sampling for these; allowed.
+    pruner = _mapping(raw.get("pruner"), "pruner", {"name", "n_startup_trials", "n_warmup_steps", "min_resource",
+                                                    "reduction_factor"})
+    pruner.setdefault("name", "median")
+    if pruner["name"] not in PRUNERS:
+        raise _fail("pruner.name", f"expected one of {list(PRUNERS)}, got {pruner['name']!r}")
+    for key in ("n_startup_trials", "n_warmup_steps", "min_resource", "reduction_factor"):
+        if key in pruner and not (_is_int(pruner[key]) and pruner[key] >= 0):
+            raise _fail(f"pruner.{key}", f"expected an integer >= 0, got {pruner[key]!r}")
+    if cost is not None and pruner["name"] != "none":
+        raise _fail("pruner.name", "a study with a cost objective is multi-objective, which Optuna cannot prune: "
+                                   "set pruner: {name: none}")
+
+    storage = raw.get("storage")
+    if storage is not None and (not isinstance(storage, str) or not storage.strip()):
+        raise _fail("storage", f"expected a storage URL (sqlite:///..., postgresql://..., journal:PATH) or null, "
+                               f"got {storage!r}")
+    resources = _mapping(raw.get("resources"), "resources", {"cpu", "gpu"})
+    for key, value in resources.items():
+        if not _is_number(value) or value < 0:
+            raise _fail(f"resources.{key}", f"expected a number >= 0 (fractions allowed), got {value!r}")
+    resources = {"cpu": float(resources.get("cpu", 1.0)), "gpu": float(resources.get("gpu", 0.0))}
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise _fail("description", f"expected text, got {description!r}")
+    data_dir = raw.get("data_dir")
+    if data_dir is not None and not isinstance(data_dir, str):
+        raise _fail("data_dir", f"expected a folder path, got {data_dir!r}")
+    return StudySpec(
+        name=name, workload=raw["workload"], optimizer=raw["optimizer"], epochs=epochs, seeds=tuple(seeds),
+        fixed=fixed, search=search, objective=objective, trials=trials, timeout=timeout, sampler=sampler,
+        pruner=pruner, storage=storage, description=description, resources=resources, data_dir=data_dir,
+        source=source, path=path,
+    )
+
+
+def load_spec(path: str | Path, *, check: bool = True) -> StudySpec:
+    """Read, parse and (``check=True``) dry-run-validate a study file; errors are one-line SpecErrors."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such study file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read the study file ({type(exc).__name__})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise SpecError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    try:
+        spec = parse_spec(raw, source=text, path=str(path.resolve()))
+        if check:
+            from fuse_tune.trial import check_spec
+
+            check_spec(spec)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+    return spec

@@ -1,0 +1,226 @@
+"""Experiment tracking: a small tracker protocol, an MLflow adapter and a no-op tracker.
+
+One *parent* run per study and one *child* run per trial. Children are created with an explicit
+``mlflow.parentRunId`` tag through ``MlflowClient`` (never through MLflow's thread-local active-run
+stack), so nesting is right from parallel worker processes and threads alike. A whole epoch's
+metrics go in one ``log_batch`` call (an HTTP round trip costs ~100 ms against a tracking server).
+
+The default tracking store is ``sqlite:///<absolute path>/mlflow.db`` in the working directory
+(MLflow 3 refuses the old ``./mlruns`` file store by default); any tracking-server URL works.
+Credentials in URLs are redacted (:func:`redact`) before anything is printed, tagged or logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = ["Tracker", "TrialRun", "MlflowTracker", "NullTracker", "redact", "default_tracking_uri", "flatten_params",
+           "versions"]
+
+_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@\s]*)@")
+
+
+def redact(text: str | None) -> str | None:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db`` (anywhere in ``text``)."""
+    if text is None:
+        return None
+    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+
+
+def default_tracking_uri(directory: str | os.PathLike[str] | None = None) -> str:
+    """``sqlite:///<absolute directory>/mlflow.db`` (the working directory by default)."""
+    return f"sqlite:///{Path(directory or os.getcwd()).resolve() / 'mlflow.db'}"
+
+
+def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested settings -> ``{"switch.criterion": "epoch", ...}`` as MLflow param strings."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, name + "."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def _git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    """Versions worth recording with every run (Optuna 5 changed TPE defaults, for one)."""
+    import importlib.metadata as metadata
+
+    found = {}
+    for package in ("fuse", "torch", "optuna", "mlflow", "ray"):
+        try:
+            found[f"version.{package}"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    found["git.commit"] = _git_commit()
+    return found
+
+
+class TrialRun(Protocol):
+    run_id: str | None
+
+    def log_epoch(self, seed: int, metrics: Mapping[str, float | None], step: int) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+    def finish(self, status: str) -> None: ...
+
+
+class Tracker(Protocol):
+    def start_study(self, name: str, tags: Mapping[str, Any], params: Mapping[str, Any],
+                    artifact: str | None = None) -> str | None: ...
+
+    def start_trial(self, parent_run_id: str | None, name: str, params: Mapping[str, Any],
+                    tags: Mapping[str, Any]) -> TrialRun: ...
+
+
+class _NullRun:
+    run_id = None
+
+    def log_epoch(self, seed: int, metrics: Mapping[str, float | None], step: int) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def finish(self, status: str) -> None:
+        pass
+
+
+class NullTracker:
+    """Tracks nothing (tests, dry runs)."""
+
+    def start_study(self, name, tags, params, artifact=None):
+        return None
+
+    def start_trial(self, parent_run_id, name, params, tags):
+        return _NullRun()
+
+
+class _MlflowRun:
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def log_epoch(self, seed: int, metrics: Mapping[str, float | None], step: int) -> None:
+        """One seed's epoch: ``<metric>/seed_<seed>`` at ``step`` (the epoch), one HTTP call."""
+        self.log_metrics({f"{k}/seed_{seed}": v for k, v in metrics.items() if v is not None}, step)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items() if value is not None]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000], synchronous=True)
+
+    def log_series(self, series: Mapping[str, list[float]]) -> None:
+        """Whole per-epoch series (step = index) in as few calls as possible."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(v), now, step) for key, values in series.items() for step, v in enumerate(values)]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000], synchronous=True)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))[:5000]) for k, v in tags.items()],
+                              synchronous=True)
+
+    def finish(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+class MlflowTracker:
+    """MLflow adapter: explicit run ids through ``MlflowClient``; mlflow is imported lazily."""
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "fuse") -> None:
+        os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+        try:
+            from mlflow.tracking import MlflowClient
+        except ImportError:  # pragma: no cover - depends on the install
+            raise ValueError("MLflow tracking needs the 'tuning' extra: pip install 'fuse[tuning]'") from None
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.experiment_name = experiment
+        self.experiment_id = self._experiment(experiment)
+
+    def _experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        artifact_location = None
+        if self.tracking_uri.startswith("sqlite:///"):
+            database = Path(self.tracking_uri[len("sqlite:///"):])
+            artifact_location = (database.parent / "mlartifacts").resolve().as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except Exception:  # another worker created it first
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def find_study_run(self, study: str) -> str | None:
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`fuse.study` = '{study}' and "
+                                       "tags.`fuse.role` = 'study'", max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def start_study(self, name: str, tags: Mapping[str, Any], params: Mapping[str, Any],
+                    artifact: str | None = None) -> str:
+        """The study's parent run: found again on resume (by tag), created otherwise."""
+        run_id = self.find_study_run(name)
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=name,
+                                         tags={"fuse.study": name, "fuse.role": "study"})
+            run_id = run.info.run_id
+            from mlflow.entities import Param
+
+            flat = flatten_params(params)
+            self.client.log_batch(run_id, params=[Param(k, redact(v)) for k, v in flat.items()], synchronous=True)
+            if artifact is not None:
+                self.client.log_artifact(run_id, artifact)
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        _MlflowRun(self.client, run_id).set_tags(tags)
+        return run_id
+
+    def start_trial(self, parent_run_id: str | None, name: str, params: Mapping[str, Any],
+                    tags: Mapping[str, Any]) -> _MlflowRun:
+        from mlflow.entities import Param
+
+        all_tags = {"fuse.role": "trial", **{k: redact(str(v)) for k, v in tags.items()}}
+        if parent_run_id is not None:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        flat = flatten_params(params)
+        self.client.log_batch(run.info.run_id, params=[Param(k, redact(v)) for k, v in flat.items()],
+                              synchronous=True)
+        return _MlflowRun(self.client, run.info.run_id)
+
+    def finish_study(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
