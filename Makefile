@@ -11,15 +11,18 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision first, pinned, so pip takes the builds on this machine's disk.
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[tuning,test]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# The main job on the embedded default: an Optuna study of when FUSE-PV should switch, on digits,
+# stored in ./fuse-studies.log and tracked in ./mlflow.db (re-running resumes; a finished study just reports).
 demo: $(STAMP)
-	$(VENV)/bin/fuse-tune train --workload digits-logreg --optimizer fuse_pv --epochs 10
+	$(VENV)/bin/fuse-tune run studies/quickstart.yaml
 
 test: $(STAMP)
+	bash scripts/install-system-deps.sh
 	$(VENV)/bin/ruff check fuse_optim fuse_tune dashboards tests benchmarks
 	$(PY) -m pytest tests
 
