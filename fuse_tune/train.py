@@ -23,7 +23,7 @@ import torch
 from fuse_tune.optimizers import build_optimizer, optimizer_phase
 from fuse_tune.workloads import build_function, build_supervised, get_workload
 
-__all__ = ["TrainConfig", "EpochMetrics", "TrainResult", "train", "resolve_device", "TRAINER_KEYS"]
+__all__ = ["TrainConfig", "EpochMetrics", "TrainResult", "Trainer", "train", "resolve_device", "TRAINER_KEYS"]
 
 
 @dataclass
@@ -179,19 +179,185 @@ def _grad_sq_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([g.detach().pow(2).sum() for g in grads]).sum()
 
 
+class Trainer:
+    """One training run, an epoch at a time, with exact checkpoints.
+
+    ``state_dict()`` holds the model, the optimizer (phase, Adam moments, L-BFGS memory, criterion
+    state), the data-order and noise generators, the counters and the history, so that a trainer
+    restored with ``load_state_dict()`` continues exactly as the original would have (Ray Tune
+    restores, Population Based Training clones).
+    """
+
+    def __init__(self, config: TrainConfig) -> None:
+        config.validate()
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.kind = get_workload(config.workload).kind
+        self.function = None
+        if self.kind == "function":
+            options = dict(config.workload_options)
+            unknown = sorted(set(options) - {"dim", "noise", "start"})
+            if unknown:
+                raise ValueError(f"workload {config.workload!r} got unknown option(s) {unknown}; accepted: "
+                                 "['dim', 'noise', 'start']")
+            self.function = build_function(config.workload, seed=config.seed, device=self.device, **options)
+            self.model: torch.nn.Module = self.function.module
+            self.data = None
+            self.loss_fn = None
+            self.n_train = 0
+        else:
+            instance = build_supervised(config.workload, data_dir=config.data_dir, download=config.download,
+                                        seed=config.seed, device=self.device, **config.workload_options)
+            self.model, self.data, self.loss_fn = instance.model, instance.data, instance.loss_fn
+            self.n_train = int(self.data.train_x.shape[0])
+            for name in ("batch_size", "batch_size_after_switch"):
+                size = getattr(config, name)
+                if size is not None and size > self.n_train:
+                    raise ValueError(f"{name}={size} is larger than the training set ({self.n_train} samples)")
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(config.optimizer, self.params, optimizer_arguments(config))
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.counter = _Counter()
+        self.result = TrainResult(config, [])
+        self.wall = 0.0
+        self.steps = 0
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed."""
+        return len(self.result.history)
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.config.epochs or self.result.stopped_early
+
+    def run_epoch(self) -> EpochMetrics:
+        """Train one epoch, evaluate (untimed), append and return its metrics."""
+        losses: list[torch.Tensor] = []
+        grad_sq: list[torch.Tensor] = []
+
+        def record(loss: torch.Tensor) -> None:
+            losses.append(loss.detach())
+            grad_sq.append(_grad_sq_norm(self.params))
+
+        _sync(self.device)
+        start = time.perf_counter()
+        if self.kind == "function":
+            self._function_epoch(record)
+        else:
+            self._supervised_epoch(record)
+        phase = optimizer_phase(self.optimizer, self.config.optimizer)  # the phase this epoch ended in
+        batch_size = _batch_size(self.config, self.optimizer) if self.kind != "function" else 1
+        self.optimizer.end_epoch()
+        _sync(self.device)
+        self.wall += time.perf_counter() - start
+        switch_epoch, switch_step, reason = _switch_info(self.optimizer)
+        if self.kind == "function":
+            with torch.no_grad():
+                value = float(self.model())
+            train_loss, test_loss, accuracy, gap = value, None, None, value - self.function.f_star
+        else:
+            train_loss, test_loss, accuracy = _evaluate_supervised(self.model, self.data, self.loss_fn,
+                                                                   self.config.eval_batch_size)
+            gap = None
+        metrics = EpochMetrics(
+            epoch=self.epoch, train_loss=train_loss, batch_loss=float(torch.stack(losses).mean()),
+            test_loss=test_loss, test_accuracy=accuracy, grad_sq_norm=float(torch.stack(grad_sq).mean()),
+            phase=phase, switch_epoch=switch_epoch, switch_step=switch_step, switch_reason=reason,
+            wall_time=self.wall, grad_evals=self.counter.closure_calls, closure_calls=self.counter.closure_calls,
+            samples=self.counter.samples, steps=self.steps, batch_size=batch_size, gap=gap,
+        )
+        result = self.result
+        result.history.append(metrics)
+        target = self.config.target_loss
+        if target is not None and result.time_to_target is None and metrics.train_loss <= target:
+            result.time_to_target, result.grad_evals_to_target = metrics.wall_time, metrics.grad_evals
+        if not math.isfinite(metrics.train_loss):
+            result.stopped_early = True
+        return metrics
+
+    def _supervised_epoch(self, record: Callable[[torch.Tensor], None]) -> None:
+        model, data, loss_fn, optimizer = self.model, self.data, self.loss_fn, self.optimizer
+        model.train()
+        perm = torch.randperm(self.n_train, generator=self.generator).to(self.device)
+        cursor = 0
+        while cursor < self.n_train:
+            size = _batch_size(self.config, optimizer)
+            idx = perm[cursor:cursor + size]
+            cursor += size
+            xb, yb = data.train_x[idx], data.train_y[idx]
+
+            def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
+                optimizer.zero_grad(set_to_none=False)
+                loss = loss_fn(model, xb, yb)
+                loss.backward()
+                return loss
+
+            optimizer.step(self.counter.wrap(closure, int(idx.numel()), record))
+            self.steps += 1
+
+    def _function_epoch(self, record: Callable[[torch.Tensor], None]) -> None:
+        module, optimizer, instance = self.model, self.optimizer, self.function
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=False)
+            loss = module()
+            loss.backward()
+            instance.add_noise()
+            return loss
+
+        for _ in range(self.config.steps_per_epoch):
+            optimizer.step(self.counter.wrap(closure, 1, record))
+            self.steps += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: model, optimizer, generators, counters, history."""
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "closure_calls": self.counter.closure_calls,
+            "samples": self.counter.samples,
+            "wall": self.wall,
+            "steps": self.steps,
+            "history": [m.as_dict() for m in self.result.history],
+            "time_to_target": self.result.time_to_target,
+            "grad_evals_to_target": self.result.grad_evals_to_target,
+            "stopped_early": self.result.stopped_early,
+        }
+        if self.function is not None:
+            state["noise_generator"] = self.function.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        if self.function is not None:
+            self.function.generator.set_state(state["noise_generator"])
+        self.counter.closure_calls, self.counter.samples = state["closure_calls"], state["samples"]
+        self.wall, self.steps = state["wall"], state["steps"]
+        self.result.history[:] = [EpochMetrics(**m) for m in state["history"]]
+        self.result.time_to_target = state["time_to_target"]
+        self.result.grad_evals_to_target = state["grad_evals_to_target"]
+        self.result.stopped_early = state["stopped_early"]
+
+
 def train(config: TrainConfig, on_epoch: Callable[[EpochMetrics], bool | None] | None = None) -> TrainResult:
     """Run one training run; ``on_epoch(metrics)`` may return True to stop early (e.g. pruning).
 
     Exceptions raised by ``on_epoch`` propagate (Optuna's ``TrialPruned`` does).
     """
-    config.validate()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    workload = get_workload(config.workload)
-    if workload.kind == "function":
-        return _train_function(config, device, on_epoch)
-    return _train_supervised(config, device, on_epoch)
+    trainer = Trainer(config)
+    while not trainer.done:
+        metrics = trainer.run_epoch()
+        if trainer.result.stopped_early:
+            break
+        if on_epoch is not None and on_epoch(metrics):
+            trainer.result.stopped_early = True
+    return trainer.result
 
 
 def optimizer_arguments(config: TrainConfig) -> dict[str, Any]:
@@ -228,82 +394,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _train_supervised(config: TrainConfig, device: torch.device,
-                      on_epoch: Callable[[EpochMetrics], bool | None] | None) -> TrainResult:
-    instance = build_supervised(config.workload, data_dir=config.data_dir, download=config.download,
-                                seed=config.seed, device=device, **config.workload_options)
-    model, data, loss_fn = instance.model, instance.data, instance.loss_fn
-    n = int(data.train_x.shape[0])
-    for name, size in (("batch_size", config.batch_size), ("batch_size_after_switch", config.batch_size_after_switch)):
-        if size is not None and size > n:
-            raise ValueError(f"{name}={size} is larger than the training set ({n} samples)")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(config.optimizer, params, optimizer_arguments(config))
-    generator = torch.Generator().manual_seed(config.seed)
-    counter = _Counter()
-    history: list[EpochMetrics] = []
-    result = TrainResult(config, history)
-    wall, steps = 0.0, 0
-    for epoch in range(config.epochs):
-        model.train()
-        batch_losses: list[torch.Tensor] = []
-        grad_sq: list[torch.Tensor] = []
-        perm = torch.randperm(n, generator=generator).to(device)
-        _sync(device)
-        start = time.perf_counter()
-        cursor = 0
-        while cursor < n:
-            size = _batch_size(config, optimizer)
-            idx = perm[cursor:cursor + size]
-            cursor += size
-            xb, yb = data.train_x[idx], data.train_y[idx]
-
-            def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
-                optimizer.zero_grad(set_to_none=False)
-                loss = loss_fn(model, xb, yb)
-                loss.backward()
-                return loss
-
-            def record(loss: torch.Tensor) -> None:
-                batch_losses.append(loss.detach())
-                grad_sq.append(_grad_sq_norm(params))
-
-            optimizer.step(counter.wrap(closure, int(idx.numel()), record))
-            steps += 1
-        phase = optimizer_phase(optimizer, config.optimizer)  # the phase this epoch ended in
-        batch_size = _batch_size(config, optimizer)
-        optimizer.end_epoch()
-        _sync(device)
-        wall += time.perf_counter() - start
-        metrics = _evaluate_supervised(model, data, loss_fn, config.eval_batch_size)
-        switch_epoch, switch_step, reason = _switch_info(optimizer)
-        metrics = EpochMetrics(
-            epoch=epoch, train_loss=metrics[0], batch_loss=float(torch.stack(batch_losses).mean()),
-            test_loss=metrics[1], test_accuracy=metrics[2], grad_sq_norm=float(torch.stack(grad_sq).mean()),
-            phase=phase, switch_epoch=switch_epoch, switch_step=switch_step,
-            switch_reason=reason, wall_time=wall, grad_evals=counter.closure_calls,
-            closure_calls=counter.closure_calls, samples=counter.samples, steps=steps,
-            batch_size=batch_size,
-        )
-        if _record(result, metrics, on_epoch):
-            break
-    return result
-
-
-def _record(result: TrainResult, metrics: EpochMetrics, on_epoch) -> bool:
-    result.history.append(metrics)
-    target = result.config.target_loss
-    if target is not None and result.time_to_target is None and metrics.train_loss <= target:
-        result.time_to_target, result.grad_evals_to_target = metrics.wall_time, metrics.grad_evals
-    if not math.isfinite(metrics.train_loss):
-        result.stopped_early = True
-        return True
-    if on_epoch is not None and on_epoch(metrics):
-        result.stopped_early = True
-        return True
-    return False
-
-
 @torch.no_grad()
 def _evaluate_supervised(model: torch.nn.Module, data: Any, loss_fn: Any, chunk: int) -> tuple[float, float, float]:
     """Full training objective, test loss (with the same penalty) and test accuracy."""
@@ -322,57 +412,6 @@ def _evaluate_supervised(model: torch.nn.Module, data: Any, loss_fn: Any, chunk:
     test_loss, correct = mean_loss(data.test_x, data.test_y)
     return train_loss + penalty, test_loss + penalty, correct / data.test_x.shape[0]
 
-
-def _train_function(config: TrainConfig, device: torch.device,
-                    on_epoch: Callable[[EpochMetrics], bool | None] | None) -> TrainResult:
-    options = dict(config.workload_options)
-    unknown = sorted(set(options) - {"dim", "noise", "start"})
-    if unknown:
-        raise ValueError(f"workload {config.workload!r} got unknown option(s) {unknown}; accepted: "
-                         "['dim', 'noise', 'start']")
-    instance = build_function(config.workload, seed=config.seed, device=device, **options)
-    module = instance.module
-    params = list(module.parameters())
-    optimizer = build_optimizer(config.optimizer, params, optimizer_arguments(config))
-    counter = _Counter()
-    history: list[EpochMetrics] = []
-    result = TrainResult(config, history)
-    wall, steps = 0.0, 0
-    for epoch in range(config.epochs):
-        losses: list[torch.Tensor] = []
-        grad_sq: list[torch.Tensor] = []
-        start = time.perf_counter()
-        for _ in range(config.steps_per_epoch):
-            def closure() -> torch.Tensor:
-                optimizer.zero_grad(set_to_none=False)
-                loss = module()
-                loss.backward()
-                instance.add_noise()
-                return loss
-
-            def record(loss: torch.Tensor) -> None:
-                losses.append(loss.detach())
-                grad_sq.append(_grad_sq_norm(params))
-
-            optimizer.step(counter.wrap(closure, 1, record))
-            steps += 1
-        phase = optimizer_phase(optimizer, config.optimizer)  # the phase this epoch ended in
-        optimizer.end_epoch()
-        wall += time.perf_counter() - start
-        with torch.no_grad():
-            value = float(module())
-        switch_epoch, switch_step, reason = _switch_info(optimizer)
-        metrics = EpochMetrics(
-            epoch=epoch, train_loss=value, batch_loss=float(torch.stack(losses).mean()), test_loss=None,
-            test_accuracy=None, grad_sq_norm=float(torch.stack(grad_sq).mean()),
-            phase=phase, switch_epoch=switch_epoch, switch_step=switch_step,
-            switch_reason=reason, wall_time=wall, grad_evals=counter.closure_calls,
-            closure_calls=counter.closure_calls, samples=counter.samples, steps=steps, batch_size=1,
-            gap=value - instance.f_star,
-        )
-        if _record(result, metrics, on_epoch):
-            break
-    return result
 
 
 def config_from_mapping(values: Mapping[str, Any]) -> TrainConfig:

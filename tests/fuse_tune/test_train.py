@@ -133,3 +133,31 @@ def test_bad_settings_are_one_line_value_errors(field, value, message):
 def test_unknown_optimizer_argument_lists_accepted_ones():
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['lrr'\]; accepted: .*'lr'"):
         train(digits("fuse_pv", epochs=1, optimizer_args={"lrr": 1}))
+
+
+@pytest.mark.parametrize("config", [
+    dict(workload="digits-logreg", optimizer="fuse_pv",
+         optimizer_args={"lr": 1e-2, "switch": {"criterion": "epoch", "epoch": 1}}, batch_size_after_switch=256),
+    dict(workload="digits-mlp", optimizer="fuse", optimizer_args={"theta": {"schedule": "linear", "steps": 40}}),
+    dict(workload="rosenbrock", optimizer="fuse_pv", steps_per_epoch=20, workload_options={"noise": 0.1},
+         optimizer_args={"switch": {"criterion": "step", "step": 30}}),
+])
+def test_trainer_checkpoint_restores_exactly_in_the_second_phase(config, tmp_path):
+    """A trainer saved after 2 epochs (past the switch) and restored continues like the uninterrupted run."""
+    from fuse_tune.train import Trainer
+
+    straight = Trainer(TrainConfig(epochs=4, seed=5, **config))
+    for _ in range(4):
+        straight.run_epoch()
+    first = Trainer(TrainConfig(epochs=4, seed=5, **config))
+    first.run_epoch()
+    first.run_epoch()
+    torch.save(first.state_dict(), tmp_path / "trainer.pt")
+    restored = Trainer(TrainConfig(epochs=4, seed=5, **config))
+    restored.load_state_dict(torch.load(tmp_path / "trainer.pt", weights_only=False))
+    assert restored.optimizer.phase != "adam"
+    while not restored.done:
+        restored.run_epoch()
+    expected = [(m.train_loss, m.grad_evals, m.samples, m.phase) for m in straight.result.history]
+    got = [(m.train_loss, m.grad_evals, m.samples, m.phase) for m in restored.result.history]
+    assert got == expected
