@@ -69,6 +69,9 @@ _LBFGS_KEYS = (
 class StepInfo:
     """Diagnostics of the last ``step()``, as data for trainers and trackers.
 
+    ``phase`` is the phase the step ran in: ``"adam"``, ``"lbfgs"`` or, for a :class:`Fuse` step with
+    ``0 < theta < 1``, ``"blend"``.
+
     In the Adam phase ``loss`` and ``grad_norm`` are 0-dim device tensors (reading them forces a
     host synchronisation, which the optimizer itself avoids); in the L-BFGS phase they are floats.
     ``grad_norm`` is ``None`` in the Adam phase unless the criterion or ``track_grad_norm`` needs it.
@@ -148,7 +151,8 @@ class _AdamLBFGSBase(Optimizer):
                "None (policy default) or a finite number > 0")
         _check(_is_number(c1) and 0 < c1 < 1, "c1", c1, "a number in (0, 1)")
         _check(_is_number(c2) and c1 < c2 < 1, "c2", c2, "a number in (c1, 1)")
-        _check(max_evaluations is None or (isinstance(max_evaluations, int) and max_evaluations >= 1),
+        _check(max_evaluations is None or (isinstance(max_evaluations, int) and not isinstance(max_evaluations, bool)
+                                           and max_evaluations >= 1),
                "max_evaluations", max_evaluations, "None (policy default) or an integer >= 1")
         _check(_is_number(shrink) and 0 < shrink < 1, "shrink", shrink, "a number in (0, 1)")
         _check(curvature in ("skip", "damp"), "curvature", curvature, "'skip' or 'damp'")
@@ -193,14 +197,17 @@ class _AdamLBFGSBase(Optimizer):
 
     # ------------------------------------------------------------------ parameter groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Checked before the group is added, so that a refused group leaves the optimizer unchanged.
+        if self.param_groups:
+            first = self.param_groups[0]
+            for key in _LBFGS_KEYS:
+                value = param_group.get(key, self.defaults.get(key))
+                if value != first.get(key):
+                    raise ValueError(
+                        f"{key} must be the same in every parameter group (the L-BFGS phase treats all "
+                        f"parameters as one vector), got {first.get(key)!r} and {value!r}"
+                    )
         super().add_param_group(param_group)
-        first = self.param_groups[0]
-        for key in _LBFGS_KEYS:
-            if param_group.get(key) != first.get(key):
-                raise ValueError(
-                    f"{key} must be the same in every parameter group (the L-BFGS phase treats all "
-                    f"parameters as one vector), got {first.get(key)!r} and {param_group.get(key)!r}"
-                )
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -437,13 +444,13 @@ class _AdamLBFGSBase(Optimizer):
         calls_before = self.closure_calls
         loss, loss0, grad0 = self._evaluate(closure)
         memory = self._ensure_memory()
-        if not (math.isfinite(loss0) and bool(torch.isfinite(grad0).all())):
+        grad_max = float(grad0.abs().max())  # NaN or inf when any entry is: one pass serves both checks
+        if not (math.isfinite(loss0) and math.isfinite(grad_max)):
             self._recover(RECOVERY_NON_FINITE, self._last_good)
             self._record_lbfgs(loss0, None, None, calls_before, RECOVERY_NON_FINITE)
             return loss
         x0 = self._flat_params()
         self._last_good = x0
-        grad_max = float(grad0.abs().max())
         if self._grad_reference is None:
             self._grad_reference = grad_max
         group = self.param_groups[0]
@@ -466,9 +473,10 @@ class _AdamLBFGSBase(Optimizer):
 
     def _record_lbfgs(self, loss: float, grad: torch.Tensor | None, step_size: float | None, calls_before: int,
                       failure: str | None, theta: float | None = None) -> None:
+        # self.phase: "lbfgs", or "blend" for a Fuse step with 0 < theta < 1
         self.last_step_info = StepInfo(
-            LBFGS, loss, None if grad is None else float(grad.norm()), step_size, self.closure_calls - calls_before,
-            self.pairs_accepted, self.pairs_skipped, self.recoveries, failure, theta,
+            self.phase, loss, None if grad is None else float(grad.norm()), step_size,
+            self.closure_calls - calls_before, self.pairs_accepted, self.pairs_skipped, self.recoveries, failure, theta,
         )
 
     # ------------------------------------------------------------------ state

@@ -84,7 +84,8 @@ class LBFGSMemory:
         if not (s_norm > 0 and y_norm > 0) or not all(map(_is_finite, (sy, s_norm, y_norm))):
             self.skipped += 1
             return False
-        if sy <= self.curvature_eps * s_norm * y_norm:
+        damped = sy <= self.curvature_eps * s_norm * y_norm
+        if damped:
             if self.curvature == "skip":
                 self.skipped += 1
                 return False
@@ -100,13 +101,25 @@ class LBFGSMemory:
         self.rows.append(row)
         if len(self.rows) > self.history_size:
             self.rows.pop(0)
-        y_dy = float(torch.dot(y_row, y_row * scale)) if scale is not None else float(torch.dot(y_row, y_row))
+        if scale is not None:
+            y_dy = float(torch.dot(y_row, y_row * scale))
+        elif damped:
+            y_dy = float(torch.dot(y_row, y_row))
+        else:
+            y_dy = y_norm * y_norm
         self.gamma = sy / y_dy
         self.accepted += 1
         return True
 
     def direction(self, grad: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """``d = -H g`` by the two-loop recursion (paper Algorithm 2); ``-g`` (or ``-D g``) when empty."""
+        """``d = -H g`` by the two-loop recursion (paper Algorithm 2); ``-g`` (or ``-D g``) when empty.
+
+        On the CPU the 2m scalars go through Python floats (a read-back costs nothing there and
+        ``add_(alpha=float)`` is the fastest kernel); on accelerators they stay on the device
+        (``addcmul_`` with 0-dim tensors) so that the recursion never waits for the host.
+        """
+        if grad.device.type == "cpu":
+            return self._direction_host_scalars(grad, scale)
         q = grad.neg()
         alpha = self._alpha
         for row in reversed(self.rows):
@@ -119,6 +132,22 @@ class LBFGSMemory:
         for row in self.rows:
             beta = self.rho[row] * torch.dot(self.y[row], q)
             q.addcmul_(self.s[row], alpha[row] - beta)
+        return q
+
+    def _direction_host_scalars(self, grad: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        q = grad.neg()
+        rho = self.rho.tolist()
+        alpha = [0.0] * len(rho)
+        for row in reversed(self.rows):
+            alpha[row] = rho[row] * float(torch.dot(self.s[row], q))
+            q.add_(self.y[row], alpha=-alpha[row])
+        if scale is not None:
+            q.mul_(scale)
+        if self.rows:
+            q.mul_(self.gamma)
+        for row in self.rows:
+            beta = rho[row] * float(torch.dot(self.y[row], q))
+            q.add_(self.s[row], alpha=alpha[row] - beta)
         return q
 
     def state_dict(self) -> dict[str, Any]:
