@@ -465,9 +465,10 @@ class _AdamLBFGSBase(Optimizer):
             memory.push(s_row, torch.sub(result.grad, grad0, out=memory.y[row]), self._adam_scale)
         else:
             # No step decreased the loss: restore x_k, reset the memory, take a safe steepest-descent
-            # step of length lr (the Adam learning rate), and record the failure.
+            # step x_k - lr g / max(1, ||g||) (lr: the Adam learning rate; length lr * min(1, ||g||), so
+            # tiny at a converged iterate where only rounding stopped the search), record the failure.
             self._recover(result.failure or "line_search_failed", None)
-            self._set_params(x0, grad0, -group["lr"] / max(float(grad0.norm()), 1e-300))
+            self._set_params(x0, grad0, -group["lr"] / max(float(grad0.norm()), 1.0))
         self._record_lbfgs(loss0, grad0, result.step, calls_before, result.failure or failure)
         return loss
 
