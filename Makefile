@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision first, pinned, so pip takes the builds on this machine's disk.
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PY) -m pip install -q -e ".[tuning,test]"
+	$(PY) -m pip install -q -e ".[tuning,ray,dashboards,test]"
 	touch $(STAMP)
 
 install: $(STAMP)
