@@ -119,8 +119,9 @@ def test_no_acceptable_step_restores_x_k_and_takes_the_safe_step(quadratic_probl
     assert opt.recoveries == 1 and opt.line_search_failures == failures_before + 1
     assert info.step_size == 0.0 and info.closure_calls == problem.calls_this_step
     assert memory_count(opt) == 0
-    # x_{k+1} = x_k - lr g / ||g||: a steepest-descent step of length lr from the restored x_k
+    # x_{k+1} = x_k - lr g / max(1, ||g||): a steepest-descent step of length at most lr from the restored x_k
     grad = problem.gradient(x_k)
+    assert grad.norm() > 1  # here the step has length lr exactly; the converged case is tested below
     torch.testing.assert_close(problem.x.detach(), x_k - LR * grad / grad.norm(), rtol=0, atol=1e-14)
     # training continues and converges, with no further failure on the way
     assert problem.steps_to_converge(max_steps=60) is not None
