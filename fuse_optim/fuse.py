@@ -422,6 +422,9 @@ class _AdamLBFGSBase(Optimizer):
         """Line search from x0 along ``direction``; on return the parameters are at x0 + result.step * d."""
         at_step = 0.0  # the parameters equal x0 + at_step * direction (exactly: x0 itself at first)
 
+        search = self._line_search()
+        needs_gtd = getattr(search, "needs_directional_derivative", True)
+
         def evaluate(step: float) -> tuple[float, torch.Tensor, float]:
             nonlocal at_step
             if at_step == 0.0:
@@ -430,9 +433,9 @@ class _AdamLBFGSBase(Optimizer):
                 self._set_params(x0, direction, step)
             at_step = step
             _, value, grad = self._evaluate(closure)
-            return value, grad, float(torch.dot(grad, direction))
+            return value, grad, float(torch.dot(grad, direction)) if needs_gtd else math.nan
 
-        result = self._line_search()(evaluate, loss0, gtd0, self._initial_step(direction))
+        result = search(evaluate, loss0, gtd0, self._initial_step(direction))
         if not result.ok:
             self.line_search_failures += 1
         if at_step != result.step:
@@ -510,8 +513,9 @@ class _AdamLBFGSBase(Optimizer):
         if state["memory"] is not None:
             self._memory = None
             memory = self._ensure_memory()
-            memory.load_state_dict({k: v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v
-                                    for k, v in state["memory"].items()})
+            memory.load_state_dict({
+                k: v.to(device=device, dtype=dtype if k in ("s", "y", "rho") else v.dtype)
+                if isinstance(v, torch.Tensor) else v for k, v in state["memory"].items()})
         self._adam_scale = None if state["adam_scale"] is None else state["adam_scale"].to(device, dtype).clone()
         self._last_good = None if state["last_good"] is None else state["last_good"].to(device, dtype).clone()
         self._grad_reference = state["grad_reference"]

@@ -6,7 +6,9 @@ direction ``d`` from ``x_k``::
     evaluate(t) -> (f(x_k + t d), g(x_k + t d), g(x_k + t d)^T d)
 
 (on the *same* minibatch as ``f(x_k)``, so that the accepted point also gives the curvature pair
-``y_k = g(x_{k+1}) - g(x_k)`` at no extra cost) and returns a :class:`LineSearchResult`. Failures
+``y_k = g(x_{k+1}) - g(x_k)`` at no extra cost) and returns a :class:`LineSearchResult`. Policies
+with ``needs_directional_derivative = False`` (Armijo, fixed) get NaN for the third value, which
+saves a pass over the parameters per trial. Failures
 are named by the constants below, which tests assert on; a failed search returns the best point it
 saw that decreased ``f`` (``t = 0`` if none).
 
@@ -107,6 +109,8 @@ class StrongWolfe:
     max_evaluations: int = 25
     tolerance_change: float = 1e-9
     name = "strong_wolfe"
+    #: whether ``evaluate`` must return the directional derivative g(x + t d)^T d (one more pass over d)
+    needs_directional_derivative = True
 
     def __post_init__(self) -> None:
         if not 0 < self.c1 < self.c2 < 1:
@@ -197,6 +201,7 @@ class Armijo:
     shrink: float = 0.5
     max_evaluations: int = 10
     name = "armijo"
+    needs_directional_derivative = False
 
     def __post_init__(self) -> None:
         if not 0 < self.c1 < 1:
@@ -209,7 +214,7 @@ class Armijo:
         t = initial_step
         for evaluations in range(1, self.max_evaluations + 1):
             loss, grad, gtd = evaluate(t)
-            if _finite(loss) and _finite(gtd) and loss <= loss0 + self.c1 * t * gtd0:
+            if _finite(loss) and loss <= loss0 + self.c1 * t * gtd0:
                 return LineSearchResult(t, loss, grad, gtd, evaluations)
             t *= self.shrink
         return LineSearchResult(0.0, loss0, None, gtd0, self.max_evaluations, NO_DECREASE)
@@ -224,10 +229,11 @@ class FixedStep:
     """
 
     name = "fixed"
+    needs_directional_derivative = False
 
     def __call__(self, evaluate: Evaluate, loss0: float, gtd0: float, initial_step: float) -> LineSearchResult:
         loss, grad, gtd = evaluate(initial_step)
-        if not (_finite(loss) and _finite(gtd)):
+        if not _finite(loss):
             return LineSearchResult(0.0, loss0, None, gtd0, 1, NO_DECREASE)
         return LineSearchResult(initial_step, loss, grad, gtd, 1)
 

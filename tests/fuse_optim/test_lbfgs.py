@@ -482,3 +482,25 @@ def test_cuda_matches_cpu(make) -> None:
         assert torch.isfinite(x).all() and opt.pairs_accepted > 0
         results[device] = x.detach().cpu()
     torch.testing.assert_close(results["cuda"], results["cpu"], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+def test_compact_representation_equals_the_two_loop_recursion(dtype, tolerance) -> None:
+    """Large problems use the compact form (Byrd, Nocedal & Schnabel); it must give the two-loop direction."""
+    from fuse_optim.lbfgs import LBFGSMemory
+
+    generator = torch.Generator().manual_seed(3)
+    d = LBFGSMemory.COMPACT_MIN_DIMENSION
+    memory = LBFGSMemory(4, d, dtype=dtype, device=torch.device("cpu"))
+    assert memory._use_compact()
+    curvature = torch.rand(d, generator=generator, dtype=dtype) + 0.5
+    for _ in range(7):  # wraps around the ring buffer
+        s = torch.randn(d, generator=generator, dtype=dtype)
+        assert memory.push(s, curvature * s)
+    grad = torch.randn(d, generator=generator, dtype=dtype)
+    compact = memory.direction(grad)
+    two_loop = memory._direction_host_scalars(grad, None)
+    assert float((compact - two_loop).norm() / two_loop.norm()) < tolerance
+    restored = LBFGSMemory(4, d, dtype=dtype, device=torch.device("cpu"))
+    restored.load_state_dict(memory.state_dict())
+    assert torch.equal(restored.direction(grad), compact)
