@@ -20,6 +20,9 @@ install: $(STAMP)
 # stored in ./fuse-studies.log and tracked in ./mlflow.db (re-running resumes; a finished study just reports).
 demo: $(STAMP)
 	$(VENV)/bin/fuse-tune run studies/quickstart.yaml
+	$(VENV)/bin/fuse-tune report --experiment quickstart --out reports/quickstart
+	@echo "report: $(CURDIR)/reports/quickstart/report.html"
+	@echo "browse the runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 test: $(STAMP)
 	bash scripts/install-system-deps.sh

@@ -10,10 +10,11 @@ Run: ``.venv/bin/python -m benchmarks.bench_pruning studies/criterion_ablation.y
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 from fuse_tune.optuna_backend import run_study
 from fuse_tune.spec import load_spec
@@ -41,8 +42,13 @@ def main() -> None:
     spec = load_spec(args.study)
     if spec.sampler["name"] not in ("random", "grid"):
         raise SystemExit("bench_pruning needs a history-independent sampler (random or grid)")
-    unpruned_spec = dataclasses.replace(spec, pruner={"name": "none"})
     with tempfile.TemporaryDirectory() as tmp:
+        # Workers read the study file, so the unpruned variant is a file of its own.
+        document = yaml.safe_load(Path(args.study).read_text())
+        document["pruner"] = {"name": "none"}
+        unpruned_path = Path(tmp) / "unpruned.yaml"
+        unpruned_path.write_text(yaml.safe_dump(document))
+        unpruned_spec = load_spec(unpruned_path)
         pruned = run(spec, f"journal:{Path(tmp) / 'pruned.log'}", args.threads)
         unpruned = run(unpruned_spec, f"journal:{Path(tmp) / 'unpruned.log'}", args.threads)
     same = pruned["params"] == unpruned["params"]

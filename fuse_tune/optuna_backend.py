@@ -18,12 +18,14 @@ the worker's process is gone, marks the trial failed and retries its parameters.
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 import os
 import socket
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +33,14 @@ from typing import Any
 
 from fuse_tune.spec import SpecError, StudySpec, load_spec
 from fuse_tune.tracking import MlflowTracker, NullTracker, default_tracking_uri, redact, versions
-from fuse_tune.trial import TrialOutcome, run_trial, suggest
+from fuse_tune.trial import TrialOutcome, log_outcome, run_trial, study_run_info, suggest, trial_tags
 
 __all__ = ["StudyMismatch", "open_storage", "prepare_study", "run_study", "StudySummary", "DEFAULT_JOURNAL"]
 
 DEFAULT_JOURNAL = "fuse-studies.log"
+#: a worker stops (exit status 2) after this many failed trials in a row: a setting that always fails
+#: (a model that cannot be built, a data set that cannot be read) must not spin forever
+MAX_FAILURES_IN_A_ROW = 5
 
 
 class StudyMismatch(SpecError):
@@ -79,34 +84,96 @@ def open_storage(url: str) -> Any:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:"):
         return optuna.storages.RDBStorage(url)
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
     try:
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=30, grace_period=90,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
-            engine_kwargs={"pool_pre_ping": True},
-        )
+        for attempt in range(6):
+            try:
+                with warnings.catch_warnings():
+                    # Heartbeats are "experimental" and failed_trial_callback "deprecated" in Optuna 5, and both
+                    # are what keeps a dead worker's trial from staying RUNNING: keep stderr to one line.
+                    warnings.simplefilter("ignore", FutureWarning)
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        url, heartbeat_interval=30, grace_period=90,
+                        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+                        engine_kwargs={"pool_pre_ping": True},
+                    )
+            except (IntegrityError, ProgrammingError):
+                # Workers started together on an empty database race to create Optuna's tables (duplicate
+                # pg_type / relation): the losers retry and find the tables made.
+                if attempt == 5:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
     except Exception as exc:  # connection refused, bad credentials, missing driver, ...
         raise ValueError(f"storage {redact(url)}: cannot open ({type(exc).__name__}: "
                          f"{redact(str(exc).splitlines()[0] if str(exc) else '')})") from None
 
 
+_TRIAL_SEEDED: dict[type, type] = {}
+
+
+def _trial_seeded(cls: type) -> type:
+    """``cls`` whose random streams restart in every trial from (study seed, trial number).
+
+    A seeded sampler that keeps one stream per process replays the same configurations in every process that
+    shares the study (separate ``fuse-tune run`` workers, a resumed run). Trial numbers are unique in a study,
+    so seeding by them gives distinct draws across processes and resumes, and a fresh one-process run is still
+    reproducible.
+    """
+    if cls in _TRIAL_SEEDED:
+        return _TRIAL_SEEDED[cls]
+
+    class TrialSeeded(cls):
+        def __init__(self, *args: Any, seed: int | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, seed=seed, **kwargs)
+            self._fuse_seed = seed
+
+        def before_trial(self, study: Any, trial: Any) -> None:
+            if self._fuse_seed is not None:
+                import numpy as np
+
+                streams = np.random.SeedSequence([self._fuse_seed, trial.number]).generate_state(3)
+                owners = (self, getattr(self, "_random_sampler", None), getattr(self, "_independent_sampler", None))
+                for owner, stream in zip(owners, streams, strict=True):
+                    rng = getattr(owner, "_rng", None)
+                    if rng is not None:
+                        rng.rng.seed(int(stream))
+            super().before_trial(study, trial)
+
+        def __reduce__(self) -> tuple:  # picklable although the class is made at run time
+            return _unpickle_trial_seeded, (cls, self.__dict__)
+
+    TrialSeeded.__name__ = TrialSeeded.__qualname__ = cls.__name__
+    _TRIAL_SEEDED[cls] = TrialSeeded
+    return TrialSeeded
+
+
+def _unpickle_trial_seeded(cls: type, state: dict[str, Any]) -> Any:
+    seeded = _trial_seeded(cls)
+    sampler = seeded.__new__(seeded)
+    sampler.__dict__.update(state)
+    return sampler
+
+
 def make_sampler(spec: StudySpec, worker_index: int = 0) -> Any:
+    """The study's sampler; with a seed, each trial's draws depend on (seed, trial number) only, not on the
+    worker (``worker_index`` is kept for callers), so workers and resumed runs never replay each other."""
     optuna = _optuna()
     options = spec.sampler
     seed = options.get("seed")
-    if seed is not None:
-        seed = seed + worker_index  # distinct streams per worker process, reproducible per worker
     name = options["name"]
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=options.get("n_startup_trials", 10))
+        return _trial_seeded(optuna.samplers.TPESampler)(seed=seed,
+                                                         n_startup_trials=options.get("n_startup_trials", 10))
     if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return _trial_seeded(optuna.samplers.RandomSampler)(seed=seed)
     if name == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+        return _trial_seeded(optuna.samplers.QMCSampler)(seed=seed, warn_independent_sampling=False)
     if name == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+        return _trial_seeded(optuna.samplers.CmaEsSampler)(seed=seed, warn_independent_sampling=False)
     grid = {p.name: list(p.choices) for p in spec.search}
-    return optuna.samplers.GridSampler(grid, seed=seed)
+    return _trial_seeded(optuna.samplers.GridSampler)(grid, seed=seed)
 
 
 def make_pruner(spec: StudySpec) -> Any:
@@ -117,8 +184,12 @@ def make_pruner(spec: StudySpec) -> Any:
     if options["name"] == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=options.get("n_startup_trials", 4),
                                            n_warmup_steps=options.get("n_warmup_steps", 1))
+    if options["name"] == "percentile":
+        return optuna.pruners.PercentilePruner(options.get("percentile", 25.0),
+                                               n_startup_trials=options.get("n_startup_trials", 4),
+                                               n_warmup_steps=options.get("n_warmup_steps", 1))
     return optuna.pruners.HyperbandPruner(min_resource=options.get("min_resource", 1),
-                                          max_resource=spec.epochs * len(spec.seeds),
+                                          max_resource=spec.epochs,
                                           reduction_factor=options.get("reduction_factor", 3))
 
 
@@ -136,17 +207,29 @@ def prepare_study(spec: StudySpec, storage_url: str, *, must_exist: bool = False
         study = optuna.create_study(study_name=spec.name, storage=storage, directions=spec.objective.directions,
                                     sampler=make_sampler(spec), pruner=make_pruner(spec), load_if_exists=True)
         if "fuse.fingerprint" not in study.user_attrs:
-            study.set_user_attr("fuse.fingerprint", spec.fingerprint())
-            study.set_user_attr("fuse.versions", versions())
-            study.set_user_attr("fuse.objective", spec.objective.metric)
+            _tag_study(study, spec)
         return study
     stored = study.user_attrs.get("fuse.fingerprint")
+    for _ in range(50):  # a worker started at the same moment may have created it and not tagged it yet
+        if stored is not None:
+            break
+        time.sleep(0.1)
+        stored = study.user_attrs.get("fuse.fingerprint")
+    if stored is None and not study.get_trials(deepcopy=False):  # its creator died before tagging it
+        _tag_study(study, spec)
+        return study
     if stored != spec.fingerprint():
         raise StudyMismatch(
             f"study {spec.name!r} in {redact(storage_url)} was created from a different search space or settings "
             f"(fingerprint {stored} != {spec.fingerprint()}); give the study a new name, or delete it with "
             f"`optuna delete-study --study-name {spec.name} --storage ...`")
     return study
+
+
+def _tag_study(study: Any, spec: StudySpec) -> None:
+    study.set_user_attr("fuse.fingerprint", spec.fingerprint())
+    study.set_user_attr("fuse.versions", versions())
+    study.set_user_attr("fuse.objective", spec.objective.metric)
 
 
 # ------------------------------------------------------------------ workers
@@ -168,12 +251,12 @@ def _fail_dead_local_trials(study: Any) -> int:
         pid = attrs.get("fuse.pid")
         if attrs.get("fuse.host") != host or pid is None or _alive(int(pid)):
             continue
-        try:
+        try:  # the reason first: a finished trial cannot be updated
+            study._storage.set_trial_system_attr(trial._trial_id, "fuse.fail_reason", f"worker pid {pid} died")
             study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
         except Exception:  # another worker got there first
             continue
-        study._storage.set_trial_system_attr(trial._trial_id, "fuse.fail_reason", f"worker pid {pid} died")
-        if "fuse.retry_of" not in trial.system_attrs:
+        if "fuse.retry_of" not in trial.user_attrs:  # enqueue_trial stores it as a user attribute
             study.enqueue_trial(trial.params, user_attrs={"fuse.retry_of": trial.number})
         failed += 1
     return failed
@@ -205,6 +288,29 @@ class _Surplus(Exception):
     """This trial lost the race for the last slot of the budget."""
 
 
+_SURPLUS_TRIALS: set[int] = set()
+
+
+class _QuietSurplus(logging.Filter):
+    """Optuna logs every failed trial as two warnings, the first with a traceback: for a trial that only lost the
+    race for the last slot (:class:`_Surplus`) that is noise, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        for number in list(_SURPLUS_TRIALS):
+            if message.startswith(f"Trial {number} failed "):
+                if message.startswith(f"Trial {number} failed with value"):  # the last of the two
+                    _SURPLUS_TRIALS.discard(number)
+                return False
+        return True
+
+
+def _quiet_surplus_logs() -> None:
+    logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _QuietSurplus) for f in logger.filters):
+        logger.addFilter(_QuietSurplus())
+
+
 @dataclass
 class WorkerConfig:
     spec_path: str
@@ -229,20 +335,15 @@ def _objective_factory(spec: StudySpec, config: WorkerConfig, tracker: Any, stud
                    if t.number < trial.number and t.state != TrialState.FAIL]
         if len(earlier) >= config.n_trials:
             trial.set_user_attr("fuse.surplus", True)
+            _SURPLUS_TRIALS.add(trial.number)
             raise _Surplus()
         storage, trial_id = study._storage, trial._trial_id
         storage.set_trial_system_attr(trial_id, "fuse.pid", os.getpid())
         storage.set_trial_system_attr(trial_id, "fuse.host", socket.gethostname())
         sampled = suggest(trial, spec.search)
         settings = spec.configuration(sampled)
-        run = tracker.start_trial(
-            config.parent_run_id, f"{spec.name}-trial-{trial.number}", settings,
-            {"fuse.study": spec.name, "fuse.trial": trial.number, "fuse.workload": spec.workload,
-             "fuse.optimizer": spec.optimizer, "fuse.seeds": ",".join(map(str, spec.seeds)),
-             "fuse.criterion": (settings.get("switch") or {}).get("criterion", "") if isinstance(
-                 settings.get("switch"), dict) else settings.get("switch", ""),
-             "fuse.backend": "optuna", **versions()},
-        )
+        run = tracker.start_trial(config.parent_run_id, f"{spec.name}-trial-{trial.number}", settings,
+                                  trial_tags(spec, settings, trial.number, "optuna"))
         if run.run_id is not None:
             storage.set_trial_system_attr(trial_id, "fuse.mlflow_run_id", run.run_id)
 
@@ -277,34 +378,13 @@ def _record_outcome(trial: Any, run: Any, outcome: TrialOutcome, spec: StudySpec
     trial.set_user_attr("epochs_run", outcome.epochs_run)
     if outcome.cost is not None:
         trial.set_user_attr("cost", outcome.cost)
-    switch_epochs = [e for e in outcome.switch_epochs if e is not None]
-    run.set_tags({
-        "fuse.state": "complete",
-        "fuse.switch_epoch": ",".join("none" if e is None else str(e) for e in outcome.switch_epochs),
-        "fuse.switch_reason": next((r for r in outcome.switch_reasons if r), "none"),
-    })
-    metric = f"objective.{spec.objective.metric}"
-    summary = {metric: outcome.value, f"{metric}.std": outcome.std,
-               "epochs_run": float(outcome.epochs_run)}
-    if switch_epochs:
-        summary["switch_epoch.mean"] = sum(switch_epochs) / len(switch_epochs)
-    if outcome.cost is not None:
-        summary[f"cost.{spec.objective.cost}"] = outcome.cost
-    run.log_metrics({k: v for k, v in summary.items() if math.isfinite(v)})
-    # Per-epoch means over seeds under the plain metric names (step = epoch).
-    if hasattr(run, "log_series") and outcome.histories:
-        length = min(len(h) for h in outcome.histories)
-        series: dict[str, list[float]] = {}
-        for key in ("train_loss", "test_accuracy", "test_loss", "grad_sq_norm", "wall_time", "grad_evals"):
-            columns = [[getattr(h[i], key) for h in outcome.histories] for i in range(length)]
-            if all(v is not None for column in columns for v in column):
-                series[key] = [sum(column) / len(column) for column in columns]
-        run.log_series({k: v for k, v in series.items() if all(math.isfinite(x) for x in v)})
+    log_outcome(run, outcome, spec)  # shared with the Ray backend: identical tags and metrics
 
 
 def work(config: WorkerConfig, on_trial: Callable[[], None] | None = None) -> int:
     """One worker: run trials until the study has ``n_trials`` finished ones (or the timeout)."""
     optuna = _optuna()
+    _quiet_surplus_logs()
     spec = load_spec(config.spec_path, check=False)
     storage = open_storage(config.storage_url)
     study = optuna.load_study(study_name=spec.name, storage=storage,
@@ -313,6 +393,7 @@ def work(config: WorkerConfig, on_trial: Callable[[], None] | None = None) -> in
     objective = _objective_factory(spec, config, tracker, study)
     started = time.monotonic()
     ran = 0
+    failures_in_a_row = 0
     while True:
         _fail_dead_local_trials(study)
         finished, running = _count(study)
@@ -330,6 +411,12 @@ def work(config: WorkerConfig, on_trial: Callable[[], None] | None = None) -> in
             first_line = str(exc).splitlines()[0] if str(exc) else ""
             print(f"fuse-tune: trial failed: {type(exc).__name__}: {redact(first_line)}",
                   file=sys.stderr)
+            failures_in_a_row += 1
+            if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                raise ValueError(f"{MAX_FAILURES_IN_A_ROW} trials in a row failed; the last with "
+                                 f"{type(exc).__name__}: {redact(first_line)}") from None
+        else:
+            failures_in_a_row = 0
         ran += 1
         if on_trial is not None:
             on_trial()
@@ -399,16 +486,8 @@ def run_study(spec: StudySpec, *, n_trials: int | None = None, n_jobs: int = 1, 
     parent_run_id = None
     if tracking_uri:
         tracker = MlflowTracker(tracking_uri, experiment=spec.name)
-        parent_run_id = tracker.start_study(
-            spec.name,
-            tags={"fuse.workload": spec.workload, "fuse.optimizer": spec.optimizer, "fuse.storage": redact(storage_url),
-                  "fuse.fingerprint": spec.fingerprint(), "fuse.backend": "optuna", **versions()},
-            params={"workload": spec.workload, "optimizer": spec.optimizer, "epochs": spec.epochs,
-                    "seeds": ",".join(map(str, spec.seeds)), "objective": spec.objective.metric,
-                    "sampler": spec.sampler["name"], "pruner": spec.pruner["name"], "trials": n_trials,
-                    "fixed": spec.fixed},
-            artifact=spec.path,
-        )
+        tags, params = study_run_info(spec, n_trials, "optuna", redact(storage_url))
+        parent_run_id = tracker.start_study(spec.name, tags=tags, params=params, artifact=spec.path)
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // n_jobs)
     base = WorkerConfig(spec_path=spec.path, storage_url=storage_url, tracking_uri=tracking_uri,

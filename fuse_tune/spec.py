@@ -19,7 +19,8 @@ A study file says what to tune and how::
                                          # optional cost: grad_evals | wall_time (second objective)
     budget: {trials: 12, timeout: null}  # timeout in seconds
     sampler: {name: tpe, seed: 0}        # tpe | random | qmc | cmaes | grid
-    pruner: {name: median}               # median | hyperband | none (reports once per epoch)
+    pruner: {name: median}               # median | percentile (+ percentile: 25 keeps the top 25%) |
+                                         # hyperband | none (reports once per epoch and seed)
     storage: null                        # null: journal file ./fuse-studies.log; sqlite:///..., postgresql://...
 
 Every setting name (fixed or searched) is routed by its first dotted part: a trainer setting
@@ -50,7 +51,7 @@ __all__ = ["SpecError", "Param", "Objective", "StudySpec", "load_spec", "parse_s
 OBJECTIVES = {"test_accuracy": "maximize", "train_loss": "minimize", "time_to_target": "minimize"}
 COSTS = ("grad_evals", "wall_time")
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "grid")
-PRUNERS = ("median", "hyperband", "none")
+PRUNERS = ("median", "percentile", "hyperband", "none")
 TOP_LEVEL = ("name", "description", "workload", "optimizer", "epochs", "seeds", "fixed", "search", "objective",
              "budget", "sampler", "pruner", "storage", "resources", "data_dir")
 
@@ -303,13 +304,22 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None) -> StudyS
         raise _fail("search", f"expected a mapping of parameter -> distribution, got {search_raw!r}")
     search = tuple(_parse_param(str(k), v) for k, v in search_raw.items())
     names = {p.name for p in search}
+    by_name = {p.name: p for p in search}
     earlier: set[str] = set()
     for param in search:
-        for other, _ in param.when:
+        for other, allowed in param.when:
             if other not in names:
                 raise _fail(f"search.{param.name}.when", f"refers to {other!r}, which is not a searched parameter")
             if other not in earlier:
                 raise _fail(f"search.{param.name}.when", f"refers to {other!r}, which must be listed before it")
+            parent = by_name[other]
+            for value in allowed:  # a value the parent never takes would leave this parameter never sampled
+                if parent.type == "categorical" and value not in parent.choices:
+                    raise _fail(f"search.{param.name}.when", f"{other!r} never takes the value {value!r}; "
+                                                             f"its choices: {list(parent.choices)}")
+                if parent.type != "categorical" and not (_is_number(value) and parent.low <= value <= parent.high):
+                    raise _fail(f"search.{param.name}.when", f"{other!r} never takes the value {value!r}; "
+                                                             f"its range: [{parent.low}, {parent.high}]")
         earlier.add(param.name)
     flat_fixed = dict(_flatten(fixed))
     clash = sorted(names & set(flat_fixed))
@@ -351,13 +361,18 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None) -> StudyS
     if sampler["name"] == "cmaes" and any(p.type == "categorical" or p.when for p in search):
         pass  # Optuna's CMA-ES falls back to random sampling for these; allowed.
     pruner = _mapping(raw.get("pruner"), "pruner", {"name", "n_startup_trials", "n_warmup_steps", "min_resource",
-                                                    "reduction_factor"})
+                                                    "reduction_factor", "percentile"})
     pruner.setdefault("name", "median")
     if pruner["name"] not in PRUNERS:
         raise _fail("pruner.name", f"expected one of {list(PRUNERS)}, got {pruner['name']!r}")
     for key in ("n_startup_trials", "n_warmup_steps", "min_resource", "reduction_factor"):
         if key in pruner and not (_is_int(pruner[key]) and pruner[key] >= 0):
             raise _fail(f"pruner.{key}", f"expected an integer >= 0, got {pruner[key]!r}")
+    if "percentile" in pruner:
+        if pruner["name"] != "percentile":
+            raise _fail("pruner.percentile", "only used by pruner: {name: percentile}")
+        if not _is_number(pruner["percentile"]) or not 0 < pruner["percentile"] < 100:
+            raise _fail("pruner.percentile", f"expected a number in (0, 100), got {pruner['percentile']!r}")
     if cost is not None and pruner["name"] != "none":
         raise _fail("pruner.name", "a study with a cost objective is multi-objective, which Optuna cannot prune: "
                                    "set pruner: {name: none}")

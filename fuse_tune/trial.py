@@ -4,8 +4,8 @@
   conditional parameters skipped when their ``when`` does not hold). Under Ray Tune the same
   function runs inside ``OptunaSearch``'s define-by-run space.
 * :func:`run_trial` trains the sampled configuration on every seed of the study, reports the
-  objective after each epoch (``report(step, value)``, ``step = seed_index * epochs + epoch``, so
-  pruners compare like with like), logs to the tracker, and aggregates mean and std over seeds.
+  mean over seeds of the objective after each epoch (``report(epoch, value)``; the seeds advance
+  together, so pruners compare like with like), logs to the tracker, and aggregates mean and std.
 * :func:`check_spec` dry-runs a study's settings (every range end, every choice) through the real
   optimizer and trainer validation, so a bad file fails before any trial starts, naming the field.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,11 +22,13 @@ import torch
 
 from fuse_tune.optimizers import OPTIMIZERS, accepted_arguments, build_optimizer
 from fuse_tune.spec import Param, SpecError, StudySpec, _flatten, nest
-from fuse_tune.train import TRAINER_KEYS, EpochMetrics, TrainConfig, optimizer_arguments, train
-from fuse_tune.workloads import DatasetNotFound, get_workload, load_dataset
-from fuse_tune.workloads.models import model_options
+from fuse_tune.tracking import versions
+from fuse_tune.train import TRAINER_KEYS, EpochMetrics, TrainConfig, Trainer, TrainResult, optimizer_arguments
+from fuse_tune.workloads import CrossEntropyWithL2, DatasetNotFound, build_function, get_workload, load_dataset
+from fuse_tune.workloads.models import build_model, model_options
 
-__all__ = ["split_settings", "check_spec", "suggest", "run_trial", "TrialOutcome", "train_config"]
+__all__ = ["split_settings", "check_spec", "suggest", "run_trial", "TrialOutcome", "train_config", "seed_config",
+           "summarize", "study_run_info", "trial_tags", "log_outcome"]
 
 
 def workload_option_names(workload_name: str) -> set[str]:
@@ -83,17 +85,34 @@ def suggest(trial: Any, params: tuple[Param, ...]) -> dict[str, Any]:
 # ------------------------------------------------------------------ validation
 
 
-def _dataset_size(workload_name: str, data_dir: str | None) -> int | None:
+def _dataset_info(workload_name: str, data_dir: str | None) -> tuple[int, tuple[int, ...], int] | None:
+    """``(training samples, input shape, classes)`` of a supervised workload's data, when it is present."""
     workload = get_workload(workload_name)
     if workload.kind != "supervised":
         return None
     try:
-        return int(load_dataset(workload.dataset, data_dir).train_x.shape[0])
+        data = load_dataset(workload.dataset, data_dir)
     except DatasetNotFound:
         return None  # checked when a trial runs; a study over absent data fails then with a clear line
+    return int(data.train_x.shape[0]), tuple(data.input_shape), int(data.num_classes)
 
 
-def _validate_settings(spec: StudySpec, settings: Mapping[str, Any], where: str, n_train: int | None) -> None:
+def _check_workload_options(workload_name: str, options: Mapping[str, Any],
+                            data: tuple[int, tuple[int, ...], int] | None) -> None:
+    """Build what the options describe (a test function; the loss and, with its data's shape, the model)."""
+    workload = get_workload(workload_name)
+    if workload.kind == "function":
+        build_function(workload, seed=0, **options)
+        return
+    merged = {**workload.accepted_options(), **options}
+    CrossEntropyWithL2(merged.pop("l2"))
+    if data is not None:
+        build_model(workload.model, data[1], data[2], **merged)
+
+
+def _validate_settings(spec: StudySpec, settings: Mapping[str, Any], where: str,
+                       data: tuple[int, tuple[int, ...], int] | None) -> None:
+    n_train = data[0] if data is not None else None
     try:
         config = train_config(spec, nest(dict(_flatten(settings))), spec.seeds[0])
         config.validate()
@@ -103,6 +122,7 @@ def _validate_settings(spec: StudySpec, settings: Mapping[str, Any], where: str,
                 raise ValueError(f"{key}={size} is larger than the training set of {spec.workload} ({n_train} samples)")
         probe = [torch.zeros(3, requires_grad=True)]
         build_optimizer(spec.optimizer, probe, optimizer_arguments(config))
+        _check_workload_options(spec.workload, config.workload_options, data)
     except SpecError:
         raise
     except (ValueError, TypeError) as exc:
@@ -130,9 +150,18 @@ def check_spec(spec: StudySpec) -> None:
             field_name = f"search.{name}" if any(p.name == name for p in spec.search) else f"fixed.{name}"
             raise SpecError(f"{field_name}: not a setting of optimizer {spec.optimizer!r}, of the trainer or of "
                             f"workload {spec.workload!r}; accepted: {sorted(routable)}")
-    n_train = _dataset_size(spec.workload, spec.data_dir)
+    data = _dataset_info(spec.workload, spec.data_dir)
     fixed = dict(_flatten(spec.fixed))
-    _validate_settings(spec, fixed, "fixed", n_train)
+    try:
+        _validate_settings(spec, fixed, "fixed", data)
+    except SpecError as error:
+        # Searched settings may complete fixed ones (fixed switch.criterion: epoch, searched switch.epoch):
+        # the fixed settings are wrong only if they fail together with a complete assignment too.
+        try:
+            _validate_settings(spec, {**fixed, **_complete_assignment(spec.search, {})}, "fixed", data)
+        except SpecError:
+            raise error from None
+    deferred: SpecError | None = None
     for param in spec.search:
         # The parameter's conditions held by their first allowed value, every other active parameter at
         # its first extreme: one complete, consistent assignment per range end / choice.
@@ -140,8 +169,36 @@ def check_spec(spec: StudySpec) -> None:
         labels = (["low", "high"] if param.type != "categorical"
                   else [f"choices[{i}]" for i in range(len(param.choices))])
         for label, value in zip(labels, param.extremes(), strict=True):
-            assignment = _complete_assignment(spec.search, {**overrides, param.name: value})
-            _validate_settings(spec, {**fixed, **assignment}, f"search.{param.name}.{label}", n_train)
+            chosen = {**overrides, param.name: value}
+            try:
+                _validate_settings(spec, {**fixed, **_complete_assignment(spec.search, chosen)},
+                                   f"search.{param.name}.{label}", data)
+            except SpecError as error:
+                # Another parameter's first extreme may be the culprit (a zero zeta.low fails the choice
+                # grad_norm of switch.criterion too): that parameter's own check names it; report this
+                # one only when no such check fails.
+                if not _valid_with_another_extreme(spec, fixed, param, chosen, data):
+                    raise
+                deferred = deferred or error
+    if deferred is not None:
+        raise deferred
+
+
+def _valid_with_another_extreme(spec: StudySpec, fixed: Mapping[str, Any], param: Param, chosen: Mapping[str, Any],
+                                 data: tuple[int, tuple[int, ...], int] | None) -> bool:
+    """Whether moving one other parameter off its first extreme makes ``chosen`` a valid assignment."""
+    assignment = _complete_assignment(spec.search, chosen)
+    for other in spec.search:
+        if other.name in chosen or other.name not in assignment:
+            continue
+        for value in other.extremes()[1:]:
+            try:
+                _validate_settings(spec, {**fixed, **_complete_assignment(spec.search, {**chosen, other.name: value})},
+                                   "", data)
+            except SpecError:
+                continue
+            return True
+    return False
 
 
 def _complete_assignment(params: tuple[Param, ...], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -191,28 +248,49 @@ def _intermediate(spec: StudySpec, metrics: EpochMetrics) -> float:
 
 def run_trial(spec: StudySpec, sampled: Mapping[str, Any], *, report: Callable[[int, float], None] | None = None,
               run: Any = None, threads: int | None = None, device: str | None = None) -> TrialOutcome:
-    """Train ``spec`` fixed + ``sampled`` settings on every seed; ``report`` may raise to prune."""
-    settings = spec.configuration(sampled)
-    per_seed, costs, switch_epochs, reasons, histories = [], [], [], [], []
-    epochs_run = 0
-    for seed_index, seed in enumerate(spec.seeds):
-        config = train_config(spec, settings, seed)
-        if threads is not None:
-            config.threads = threads
-        if device is not None:
-            config.device = device
-        if spec.objective.target_loss is not None:
-            config.target_loss = spec.objective.target_loss
+    """Train ``spec`` fixed + ``sampled`` settings on every seed; ``report`` may raise to prune.
 
-        def on_epoch(metrics: EpochMetrics, seed: int = seed, seed_index: int = seed_index) -> None:
-            nonlocal epochs_run
+    The seeds advance together, one epoch at a time, and ``report(epoch, value)`` gets the mean over
+    seeds of the epoch's objective metric: a pruner then compares every trial at the same epoch on
+    the same seeds, and a trial's best-so-far value is not inflated by an earlier seed's last epoch.
+    """
+    settings = spec.configuration(sampled)
+    trainers = [Trainer(seed_config(spec, settings, seed, threads=threads, device=device)) for seed in spec.seeds]
+    epochs_run = 0
+    for epoch in range(spec.epochs):
+        values = []
+        for seed, trainer in zip(spec.seeds, trainers, strict=True):
+            if trainer.done:
+                continue
+            metrics = trainer.run_epoch()
             epochs_run += 1
             if run is not None:
                 run.log_epoch(seed, _loggable(metrics), metrics.epoch)
-            if report is not None:
-                report(seed_index * spec.epochs + metrics.epoch, _intermediate(spec, metrics))
+            values.append(_intermediate(spec, metrics))
+        if not values:
+            break
+        if report is not None:
+            report(epoch, statistics.fmean(values))
+    return summarize(spec, [trainer.result for trainer in trainers], epochs_run)
 
-        result = train(config, on_epoch)
+
+def seed_config(spec: StudySpec, settings: Mapping[str, Any], seed: int, *, threads: int | None = None,
+                device: str | None = None) -> TrainConfig:
+    """The TrainConfig of one seed of a trial (shared by the Optuna and Ray backends)."""
+    config = train_config(spec, settings, seed)
+    if threads is not None:
+        config.threads = threads
+    if device is not None:
+        config.device = device
+    if spec.objective.target_loss is not None:
+        config.target_loss = spec.objective.target_loss
+    return config
+
+
+def summarize(spec: StudySpec, results: Sequence[TrainResult], epochs_run: int) -> TrialOutcome:
+    """Per-seed objectives and costs -> mean and std over seeds (shared by the Optuna and Ray backends)."""
+    per_seed, costs, switch_epochs, reasons, histories = [], [], [], [], []
+    for result in results:
         histories.append(result.history)
         value = _objective_of(spec, result.history, result.time_to_target)
         if result.stopped_early and spec.objective.metric == "train_loss":
@@ -228,6 +306,55 @@ def run_trial(spec: StudySpec, sampled: Mapping[str, Any], *, report: Callable[[
     std = statistics.pstdev(per_seed) if len(finite) == len(per_seed) and len(per_seed) > 1 else 0.0
     return TrialOutcome(mean, std, statistics.fmean(costs) if spec.objective.cost else None, per_seed,
                         switch_epochs, reasons, epochs_run, histories)
+
+
+# ------------------------------------------------------------------ MLflow records shared by the backends
+
+
+def study_run_info(spec: StudySpec, n_trials: int, backend: str, storage: str | None) -> tuple[dict, dict]:
+    """Tags and params of a study's parent run; ``storage`` must already be redacted."""
+    tags = {"fuse.workload": spec.workload, "fuse.optimizer": spec.optimizer, "fuse.storage": storage,
+            "fuse.fingerprint": spec.fingerprint(), "fuse.backend": backend, **versions()}
+    params = {"workload": spec.workload, "optimizer": spec.optimizer, "epochs": spec.epochs,
+              "seeds": ",".join(map(str, spec.seeds)), "objective": spec.objective.metric,
+              "sampler": spec.sampler["name"], "pruner": spec.pruner["name"], "trials": n_trials, "fixed": spec.fixed}
+    return tags, params
+
+
+def trial_tags(spec: StudySpec, settings: Mapping[str, Any], number: int, backend: str) -> dict[str, Any]:
+    """Tags of a trial's child run (the same keys from every backend, so dashboards cannot tell them apart)."""
+    switch = settings.get("switch", "")
+    return {"fuse.study": spec.name, "fuse.trial": number, "fuse.workload": spec.workload,
+            "fuse.optimizer": spec.optimizer, "fuse.seeds": ",".join(map(str, spec.seeds)),
+            "fuse.criterion": (switch or {}).get("criterion", "") if isinstance(switch, dict) else switch,
+            "fuse.backend": backend, **versions()}
+
+
+def log_outcome(run: Any, outcome: TrialOutcome, spec: StudySpec) -> None:
+    """A finished trial's tags, summary metrics and per-epoch means over seeds on its child run."""
+    switch_epochs = [e for e in outcome.switch_epochs if e is not None]
+    run.set_tags({
+        "fuse.state": "complete",
+        "fuse.switch_epoch": ",".join("none" if e is None else str(e) for e in outcome.switch_epochs),
+        "fuse.switch_reason": next((r for r in outcome.switch_reasons if r), "none"),
+    })
+    metric = f"objective.{spec.objective.metric}"
+    summary = {metric: outcome.value, f"{metric}.std": outcome.std,
+               "epochs_run": float(outcome.epochs_run)}
+    if switch_epochs:
+        summary["switch_epoch.mean"] = sum(switch_epochs) / len(switch_epochs)
+    if outcome.cost is not None:
+        summary[f"cost.{spec.objective.cost}"] = outcome.cost
+    run.log_metrics({k: v for k, v in summary.items() if math.isfinite(v)})
+    # Per-epoch means over seeds under the plain metric names (step = epoch).
+    if hasattr(run, "log_series") and outcome.histories:
+        length = min(len(h) for h in outcome.histories)
+        series: dict[str, list[float]] = {}
+        for key in ("train_loss", "test_accuracy", "test_loss", "grad_sq_norm", "wall_time", "grad_evals"):
+            columns = [[getattr(h[i], key) for h in outcome.histories] for i in range(length)]
+            if all(v is not None for column in columns for v in column):
+                series[key] = [sum(column) / len(column) for column in columns]
+        run.log_series({k: v for k, v in series.items() if all(math.isfinite(x) for x in v)})
 
 
 _LOGGED = ("train_loss", "batch_loss", "test_loss", "test_accuracy", "grad_sq_norm", "wall_time", "grad_evals",

@@ -1,0 +1,299 @@
+"""``fuse-tune run`` against real components, as real subprocesses: concurrent workers sharing a PostgreSQL study,
+nested runs and artifacts on an MLflow tracking server over HTTP, and a study resumed after its worker was
+SIGKILLed mid-trial (journal file storage, one process and a process group of workers).
+
+Each study is tiny (digits logistic regression, FUSE-PV, one seed, random sampler, no pruner), so a trial takes a
+second or two on one thread. The server fixtures (tests/conftest.py) skip the tests that need them when PostgreSQL
+or MLflow is missing on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+TrialState = optuna.trial.TrialState
+
+EXIT_TIMEOUT = 300  # seconds one CLI process may take on a loaded 2-core machine
+
+STUDY = """\
+name: {name}
+workload: digits-logreg
+optimizer: fuse_pv
+epochs: {epochs}
+seeds: [0]
+fixed:
+  batch_size: 64
+search:
+  lr: {{type: float, low: 1.0e-3, high: 3.0e-2, log: true}}
+  switch.criterion: {{type: categorical, choices: [epoch, grad_norm]}}
+  switch.epoch: {{type: int, low: 1, high: {last_epoch}, when: {{switch.criterion: epoch}}}}
+  switch.zeta: {{type: float, low: 1.0e-3, high: 1.0, log: true, when: {{switch.criterion: grad_norm}}}}
+objective: {{metric: test_accuracy}}
+budget: {{trials: 4}}
+sampler: {{name: random, seed: 7}}
+pruner: {{name: none}}
+"""
+
+
+def write_study(directory: Path, name: str, epochs: int = 2) -> Path:
+    path = directory / f"{name}.yaml"
+    path.write_text(STUDY.format(name=name, epochs=epochs, last_epoch=max(1, epochs - 1)))
+    return path
+
+
+def cli(*args: str) -> list[str]:
+    script = Path(sys.executable).with_name("fuse-tune")
+    base = [str(script)] if os.access(script, os.X_OK) else [sys.executable, "-m", "fuse_tune.cli"]
+    return [*base, "run", *args, "--quiet", "--threads", "1"]
+
+
+def env() -> dict[str, str]:
+    values = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    values.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return values
+
+
+def start(cwd: Path, *args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen(cli(*args), cwd=cwd, env=env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(cli(*args), cwd=cwd, env=env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=EXIT_TIMEOUT)
+    assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return done
+
+
+def finished(trials) -> list:
+    return [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+def load(name: str, storage):
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def journal(path: Path):
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def param_key(trial) -> tuple:
+    return tuple(sorted(trial.params.items()))
+
+
+# ------------------------------------------------------------------ PostgreSQL
+
+
+def test_concurrent_cli_workers_share_a_postgres_study(postgres_server, tmp_path):
+    """Three `fuse-tune run` processes on one PostgreSQL study: exactly N finished trials between them, distinct
+    configurations (the seeded sampler must not replay one stream per process), no password in any output."""
+    n_trials, name = 9, "pg-shared"
+    url = postgres_server.new_database()
+    study_file = write_study(tmp_path, name)
+    processes = [start(tmp_path, str(study_file), "--storage", url, "--n-trials", str(n_trials), "--no-mlflow")
+                 for _ in range(3)]
+    outputs = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=EXIT_TIMEOUT)
+            outputs.append((process.returncode, stdout, stderr))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    for code, stdout, stderr in outputs:
+        assert code == 0, f"exit {code}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        assert postgres_server.password not in stdout + stderr
+        assert "Traceback" not in stderr
+    assert any("postgresql+psycopg2://fuse:***@" in stdout for _, stdout, _ in outputs)
+
+    trials = load(name, url).get_trials()
+    done = finished(trials)
+    assert len(done) == n_trials, [(t.number, t.state.name) for t in trials]
+    numbers = [t.number for t in trials]
+    assert sorted(numbers) == list(range(len(trials)))  # every trial number exactly once
+    others = [t for t in trials if t not in done]
+    assert all(t.state == TrialState.FAIL and t.user_attrs.get("fuse.surplus") for t in others), \
+        [(t.number, t.state.name, t.user_attrs) for t in others]  # only trials that lost the race for a slot
+    # Three processes with the same seeded sampler must not replay the same stream of configurations.
+    keys = [param_key(t) for t in done]
+    assert len(set(keys)) == len(keys), sorted(keys)
+    assert len({t.system_attrs["fuse.pid"] for t in done}) >= 2  # the processes really shared the work
+
+
+def test_workers_starting_together_on_an_empty_postgres_database(postgres_server, tmp_path):
+    """Workers that open a fresh database at the same moment race to create Optuna's tables and the study, and
+    to tag it with its fingerprint: every one of them must get the study (threads here, so the race is tight)."""
+    from fuse_tune.optuna_backend import prepare_study
+    from fuse_tune.spec import load_spec
+
+    url = postgres_server.new_database()
+    spec = load_spec(write_study(tmp_path, "pg-together"), check=False)
+    barrier = threading.Barrier(4)
+    outcomes: list[str] = []
+
+    def worker() -> None:
+        barrier.wait(timeout=60)
+        try:
+            study = prepare_study(spec, url)
+            outcomes.append(study.user_attrs["fuse.fingerprint"])
+        except Exception as exc:  # collected: an exception in a thread would not fail the test
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert outcomes == [spec.fingerprint()] * 4
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["pg-together"]
+
+
+# ------------------------------------------------------------------ MLflow
+
+
+def test_mlflow_server_gets_a_parent_run_and_one_child_per_trial(mlflow_server, tmp_path):
+    """`--mlflow-uri http://...`: one parent run holding the study file (uploaded and read back over HTTP) and one
+    nested child run per trial with its parameters, per-epoch metric history and switch tags."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    n_trials, name = 3, "mlflow-http"
+    study_file = write_study(tmp_path, name)
+    run(tmp_path, str(study_file), "--mlflow-uri", mlflow_server.uri, "--n-trials", str(n_trials))
+
+    client = MlflowClient(mlflow_server.uri)
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("fuse.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("fuse.role") == "trial"]
+    assert len(parents) == 1 and len(runs) == 1 + n_trials
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["fuse.study"] == name
+    assert parent.data.params["optimizer"] == "fuse_pv" and parent.data.params["trials"] == str(n_trials)
+
+    # The study file, uploaded and downloaded through the server's artifact proxy.
+    assert parent.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == [study_file.name]
+    downloaded = client.download_artifacts(parent.info.run_id, study_file.name, str(tmp_path / "download"))
+    assert Path(downloaded).read_text() == study_file.read_text()
+    stored = [p for p in mlflow_server.artifacts_dir.rglob(study_file.name) if parent.info.run_id in p.parts]
+    assert len(stored) == 1 and stored[0].read_text() == study_file.read_text()  # in the server's artifact store
+
+    assert len(children) == n_trials
+    assert sorted(int(r.data.tags["fuse.trial"]) for r in children) == list(range(n_trials))
+    for child in children:
+        run_id = child.info.run_id
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["fuse.state"] == "complete"
+        assert "fuse.switch_epoch" in child.data.tags
+        params = child.data.params
+        assert 1e-3 <= float(params["lr"]) <= 3e-2
+        assert params["switch.criterion"] in ("epoch", "grad_norm")
+        assert ("switch.epoch" in params) == (params["switch.criterion"] == "epoch")
+        assert params["batch_size"] == "64"
+        history = client.get_metric_history(run_id, "test_accuracy/seed_0")
+        assert sorted(m.step for m in history) == [0, 1]
+        assert all(0.0 <= m.value <= 1.0 for m in history)
+        final = max(history, key=lambda m: m.step).value
+        assert child.data.metrics["objective.test_accuracy"] == pytest.approx(final)
+        assert sorted(m.step for m in client.get_metric_history(run_id, "test_accuracy")) == [0, 1]
+
+
+# ------------------------------------------------------------------ SIGKILL and resume
+
+
+def kill_mid_trial(cwd: Path, args: tuple[str, ...], log: Path, name: str, epochs: int, after: int = -1,
+                   timeout: float = 240.0) -> tuple[list, int]:
+    """Start ``fuse-tune run *args`` in its own session; once the study has a COMPLETE trial and a RUNNING trial
+    numbered above ``after`` that has reported an epoch and has two to go, SIGKILL the whole process group (the
+    CLI and any worker processes). Returns the study's trials as the kill left them, and the CLI's process id."""
+    process = start(cwd, *args, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"fuse-tune exited ({process.returncode}) before it could be killed:\n"
+                            f"{process.stdout.read()}\n{process.stderr.read()}")
+            if time.monotonic() > deadline:
+                pytest.fail("the study never had a COMPLETE trial and a RUNNING one mid-way at once")
+            try:
+                trials = load(name, journal(log)).get_trials(deepcopy=False)
+            except KeyError:  # the study is not created yet
+                trials = []
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+            if (any(t.state == TrialState.COMPLETE for t in trials)
+                    and any(t.number > after and 1 <= len(t.intermediate_values) <= epochs - 2 for t in running)
+                    and all("fuse.pid" in t.system_attrs for t in running)):  # none is still starting up
+                break
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    return load(name, journal(log)).get_trials(), process.pid
+
+
+def test_sigkill_mid_trial_then_rerun_finishes_exactly_n(tmp_path):
+    """Kill a two-worker run (process group) mid-trial, then a one-process resume mid-trial (it is running a retry),
+    then resume with the same command: exactly N finished trials, completed ones untouched, killed ones failed and
+    retried once with the same parameters (a retry killed again is not retried again)."""
+    n_trials, epochs, name = 6, 4, "killed"
+    study_file = write_study(tmp_path, name, epochs=epochs)
+    log = tmp_path / "fuse-studies.log"  # the default journal storage, in the working directory
+    args = (str(study_file), "--n-trials", str(n_trials), "--no-mlflow")
+
+    first, cli_pid = kill_mid_trial(tmp_path, (*args, "--n-jobs", "2"), log, name, epochs)
+    killed_first = [t for t in first if t.state == TrialState.RUNNING]
+    assert 1 <= len(killed_first) <= 2
+    # Those trials ran in spawned worker processes, which the process-group kill took down with the CLI.
+    assert cli_pid not in {t.system_attrs.get("fuse.pid") for t in first}
+
+    second, _ = kill_mid_trial(tmp_path, args, log, name, epochs, after=max(t.number for t in first))
+    killed = {t.number for t in killed_first}
+    killed_second = [t for t in second if t.state == TrialState.RUNNING]
+    assert len(killed_second) == 1
+    # The resume first failed the dead workers' trials and queued their parameters again: it was killed in a retry.
+    assert killed_second[0].user_attrs.get("fuse.retry_of") in killed
+    assert {t.number: t.state for t in second if t.number in killed} == dict.fromkeys(killed, TrialState.FAIL)
+
+    run(tmp_path, *args)
+
+    after = load(name, journal(log)).get_trials()
+    by_number = {t.number: t for t in after}
+    assert sorted(by_number) == list(range(len(after)))  # every trial number once
+    assert len(finished(after)) == n_trials, [(t.number, t.state.name) for t in after]
+    assert not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    for snapshot in (first, second):
+        for trial in snapshot:
+            if trial.state == TrialState.COMPLETE:
+                assert by_number[trial.number].state == TrialState.COMPLETE
+                assert by_number[trial.number].value == trial.value
+    killed = {t.number: t for t in killed_first + killed_second}
+    for number, trial in killed.items():
+        assert by_number[number].state == TrialState.FAIL
+        assert "died" in by_number[number].system_attrs.get("fuse.fail_reason", "")
+        retries = [t for t in after if t.user_attrs.get("fuse.retry_of") == number]
+        if "fuse.retry_of" in trial.user_attrs:
+            assert retries == []  # retried once only
+            continue
+        assert len(retries) == 1, [(t.number, t.user_attrs) for t in after]
+        retry = retries[0]
+        assert retry.number > number and retry.params == trial.params
+        assert retry.state == (TrialState.FAIL if retry.number in killed else TrialState.COMPLETE)
