@@ -1,6 +1,7 @@
 """The ``fuse-tune`` command line.
 
     fuse-tune train --workload W --optimizer O [--set key=value ...] [--epochs N] [--seed S]
+    fuse-tune report --experiment NAME [--out DIR] [--mlflow-uri URI] [--storage URL]
     fuse-tune list
 
 Bad input exits with status 2 and one line naming what was wrong and what is accepted; no
@@ -140,11 +141,25 @@ def _command_run(args: argparse.Namespace, *, must_exist: bool = False) -> int:
 
     spec = load_spec(args.study)
     if args.backend == "ray":
-        raise CLIError("--backend ray is not built yet (the Ray Tune backend is a separate issue); "
-                       "use --backend optuna")
+        return _command_run_ray(args, spec, must_exist=must_exist)
+    if args.address:
+        raise CLIError("--address joins a Ray cluster: use it with --backend ray")
     tracking = None if args.no_mlflow else (args.mlflow_uri or default_tracking_uri())
-    summary = run_study(spec, n_trials=args.n_trials, n_jobs=args.n_jobs, storage=args.storage, tracking_uri=tracking,
-                        must_exist=must_exist, threads=args.threads, device=args.device, progress=not args.quiet)
+    summary = run_study(spec, n_trials=args.n_trials, n_jobs=1 if args.n_jobs is None else args.n_jobs,
+                        storage=args.storage, tracking_uri=tracking, must_exist=must_exist, threads=args.threads,
+                        device=args.device, progress=not args.quiet)
+    _print_summary(spec, summary)
+    print(f"storage: {redact(summary.storage_url)}")
+    if summary.tracking_uri:
+        print(f"browse the runs: mlflow ui --backend-store-uri {redact(summary.tracking_uri)}")
+    url = summary.storage_url
+    dashboard = url[len("journal:"):] if url.startswith("journal:") else redact(url)
+    print(f"browse the study: optuna-dashboard {dashboard}")
+    return 0
+
+
+def _print_summary(spec: Any, summary: Any) -> None:
+    """Trial counts and the best configurations (either backend's summary)."""
     counts = summary.counts()
     print(f"study {spec.name}: " + ", ".join(f"{n.lower()} {c}" for n, c in sorted(counts.items())))
     rows = summary.best_rows()
@@ -157,17 +172,57 @@ def _command_run(args: argparse.Namespace, *, must_exist: bool = False) -> int:
             params = ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items())
             std = "" if row["std"] is None else f"{row['std']:.4g}"
             print(f"  {row['trial']:>5}  {row['value']:>16.6g}  {std:>8}  {switch:>13}  {params}")
-    print(f"storage: {redact(summary.storage_url)}")
+
+
+# ------------------------------------------------------------------ --backend ray
+
+
+def _command_run_ray(args: argparse.Namespace, spec: Any, *, must_exist: bool) -> int:
+    """``run``/``resume`` with ``--backend ray`` (see fuse_tune/ray_backend.py)."""
+    from fuse_tune.ray_backend import run_ray_study
+    from fuse_tune.tracking import default_tracking_uri, redact
+
+    tracking = None if args.no_mlflow else (args.mlflow_uri or default_tracking_uri())
+    summary = run_ray_study(spec, n_trials=args.n_trials, n_jobs=args.n_jobs, address=args.address,
+                            storage=args.storage, tracking_uri=tracking, must_exist=must_exist, threads=args.threads,
+                            device=args.device, progress=not args.quiet)
+    _print_summary(spec, summary)
+    print(f"ray results: {summary.storage_url} ({summary.nodes} node(s))")
     if summary.tracking_uri:
         print(f"browse the runs: mlflow ui --backend-store-uri {redact(summary.tracking_uri)}")
-    url = summary.storage_url
-    dashboard = url[len("journal:"):] if url.startswith("journal:") else redact(url)
-    print(f"browse the study: optuna-dashboard {dashboard}")
     return 0
 
 
 def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _command_report(args: argparse.Namespace) -> int:
+    """Plots (PNG + SVG) and one HTML page from a study's MLflow runs, logged on its parent run."""
+    from dashboards.report import build_report
+    from fuse_tune.tracking import default_tracking_uri, redact
+
+    def landscapes(workloads: Sequence[str]) -> list[dict[str, Any]]:  # torch is imported here, not in dashboards
+        from fuse_tune.trajectories import TWO_D_FUNCTIONS, landscape_with_paths
+
+        return [landscape_with_paths(w) for w in workloads if w in TWO_D_FUNCTIONS]
+
+    uri = args.mlflow_uri or default_tracking_uri()
+    out = args.out or f"report-{args.experiment[0]}"
+    report = build_report(args.experiment, tracking_uri=uri, out_dir=out, storage=args.storage, landscapes=landscapes)
+    for name, reason in report.skipped.items():
+        print(f"not drawn: {name}: {reason}")
+    for note in report.notes:
+        print(f"note: {note}")
+    if report.best.empty:
+        print(f"best configurations: {report.best.attrs.get('reason', 'none')}")
+    for row in report.best.itertuples():
+        print(f"best of {row.study} ({row.workload}): trial {row.trial}, {row.objective} {row.value:.6g}; "
+              f"{row.checked}")
+    print(f"report: {report.html_path} ({len(report.drawn)} plots)")
+    if report.artifact_runs:
+        print(f"logged under report/ on run(s) {', '.join(report.artifact_runs)} in {redact(uri)}")
+    return 0
 
 
 def _command_list(args: argparse.Namespace) -> int:
@@ -210,16 +265,28 @@ def build_parser() -> argparse.ArgumentParser:
         runner = sub.add_parser(command, help=text)
         runner.add_argument("study", help="a study file, e.g. studies/quickstart.yaml")
         runner.add_argument("--n-trials", type=int, help="finished trials to reach (default: the file's budget)")
-        runner.add_argument("--n-jobs", type=int, default=1, help="worker processes on this machine")
-        runner.add_argument("--storage", help="journal:PATH (default ./fuse-studies.log), sqlite:///..., postgresql://...")
+        runner.add_argument("--n-jobs", type=int, help="worker processes on this machine (default 1); with --backend "
+                                                       "ray: trials at once (default: as many as the cluster fits)")
+        runner.add_argument("--storage", help="journal:PATH (default ./fuse-studies.log), sqlite:///..., "
+                                              "postgresql://...; with --backend ray: the Ray results folder "
+                                              "(default ./ray_results)")
         runner.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///$PWD/mlflow.db)")
         runner.add_argument("--no-mlflow", action="store_true", help="do not track in MLflow")
         runner.add_argument("--backend", choices=["optuna", "ray"], default="optuna")
+        runner.add_argument("--address", help="with --backend ray: join the Ray cluster at HOST:PORT (default "
+                                              "$RAY_ADDRESS, else a local Ray on this machine's cores)")
         runner.add_argument("--threads", type=int, help="torch threads per worker (default: cores / n-jobs)")
         runner.add_argument("--device", help="auto (default), cpu or cuda[:i]")
         runner.add_argument("--quiet", action="store_true", help="no progress bar")
         runner.set_defaults(handler=_command_run if command == "run" else
                             (lambda a: _command_run(a, must_exist=True)))
+    report = sub.add_parser("report", help="plots and an HTML report of a study's MLflow runs")
+    report.add_argument("--experiment", action="append", required=True, metavar="NAME",
+                        help="MLflow experiment (= study name); repeat to compare studies in one report")
+    report.add_argument("--out", help="output folder (default ./report-<experiment>)")
+    report.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///$PWD/mlflow.db)")
+    report.add_argument("--storage", help="Optuna storage to check the best trial against (default: the one recorded)")
+    report.set_defaults(handler=_command_report)
     listing = sub.add_parser("list", help="workloads, optimizers and studies")
     listing.add_argument("--studies", default="studies", help="folder of study files")
     listing.set_defaults(handler=_command_list)

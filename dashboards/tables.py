@@ -1,0 +1,387 @@
+"""Pure functions: the tidy table (:func:`dashboards.data.tidy`) -> the small table one plot draws.
+
+Each function here computes exactly what one renderer in :mod:`dashboards.plots` draws, and nothing is drawn
+here (Optuna's visualization habit: data first, then a thin backend). When a table has nothing to draw it is
+returned empty with a one-line reason in ``table.attrs["reason"]``; a table drawn from part of what was asked
+for carries a one-line ``table.attrs["note"]``.
+
+Conventions shared by all of them:
+
+* ``metric=None`` means the study's objective metric (the ``objective`` column), or ``train_loss`` where the
+  objective is not a per-epoch metric (``time_to_target``);
+* a trial's *final* value of a metric is its value at the last epoch logged for that seed; only
+  ``state == "complete"`` trials are compared (a pruned trial's last epoch is not the study's last epoch);
+* ``epochs_completed = epoch + 1``: the logged value at MLflow step ``e`` measures the end of epoch ``e``, and a
+  trial whose ``switch_epoch`` is ``k`` ran its first ``k`` epochs in the Adam phase, so the switch sits at
+  ``epochs_completed = k`` on the same axis.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dashboards.data import objective_direction
+
+__all__ = ["THRESHOLDS", "empty", "objective_of", "final_values", "sensitivity_table", "seed_variance_table",
+           "learning_curve_table", "theta_schedule_table", "history_batch_table", "switch_ecdf_table",
+           "performance_profile_table", "importance_table", "best_configurations"]
+
+#: switch criterion -> the parameter that sets its threshold, and whether its axis is logarithmic
+THRESHOLDS: dict[str, tuple[str, bool]] = {"epoch": ("switch.epoch", False), "step": ("switch.step", False),
+                                           "grad_norm": ("switch.zeta", True), "loss_change": ("switch.sigma", True)}
+
+_IDENTITY = ["study", "workload", "optimizer", "trial", "run_id", "variant", "criterion", "state", "seed",
+             "switch_epoch"]
+
+
+def empty(reason: str, columns: Sequence[str] = ()) -> pd.DataFrame:
+    """An empty table that says why it is empty."""
+    table = pd.DataFrame(columns=list(columns))
+    table.attrs["reason"] = reason
+    return table
+
+
+def _studies(table: pd.DataFrame) -> str:
+    names = sorted(table["study"].unique()) if "study" in table and len(table) else []
+    return ", ".join(names) if names else "the runs"
+
+
+def objective_of(table: pd.DataFrame) -> str:
+    """The study's objective metric (the first one, if the table's studies differ), as a per-epoch metric:
+    ``time_to_target`` is not one, so those studies are drawn with ``train_loss``. An objective no run logged
+    is still returned, so that the plots needing it say so instead of drawing something else."""
+    for name in table["objective"].dropna().unique() if "objective" in table else []:
+        if name != "time_to_target":
+            return str(name)
+    return "train_loss"
+
+
+def _metric_rows(table: pd.DataFrame, metric: str, states: Sequence[str] | None = ("complete",)
+                 ) -> tuple[pd.DataFrame, str | None]:
+    """Rows of ``metric`` (of trials in ``states``), or an empty frame and the reason."""
+    if table.empty:
+        return table, f"no per-epoch metrics in {_studies(table)}"
+    rows = table[table["metric"] == metric]
+    if rows.empty:
+        logged = ", ".join(sorted(table["metric"].unique()))
+        return rows, f"{metric} is not logged by any run of {_studies(table)} (logged: {logged})"
+    if states is not None:
+        kept = rows[rows["state"].isin(states)]
+        if kept.empty:
+            counts = rows.drop_duplicates("run_id")["state"].value_counts().to_dict()
+            return kept, (f"no {'/'.join(states)} trial has {metric} in {_studies(table)} (trials by state: "
+                          f"{counts})")
+        rows = kept
+    return rows, None
+
+
+def final_values(table: pd.DataFrame, metric: str | None = None,
+                 states: Sequence[str] | None = ("complete",)) -> pd.DataFrame:
+    """One row per (trial, seed): the value of ``metric`` at the last logged epoch (``final_epoch``), with the
+    identity columns (study ... switch_epoch) and the ``param.*`` columns."""
+    metric = metric or objective_of(table)
+    rows, reason = _metric_rows(table, metric, states)
+    if reason:
+        return empty(reason)
+    last = rows.loc[rows.groupby(["run_id", "seed"], sort=False)["epoch"].idxmax()]
+    params = [c for c in table.columns if c.startswith("param.")]
+    out = last[_IDENTITY + ["epoch", "value"] + params].rename(columns={"epoch": "final_epoch"})
+    out.insert(len(_IDENTITY), "metric", metric)
+    return out.sort_values(["study", "trial", "seed"]).reset_index(drop=True)
+
+
+def _direction(table: pd.DataFrame, metric: str) -> str:
+    return objective_direction(metric)
+
+
+def _rank_variants(finals: pd.DataFrame, metric: str, by: Sequence[str] = ("study",)) -> pd.DataFrame:
+    """Per (``by``, variant): mean and std over seeds, rank 1 = best mean for the metric's direction."""
+    maximize = _direction(finals, metric) == "maximize"
+    stats = finals.groupby([*by, "variant"], sort=False).agg(mean=("value", "mean"), trial=("trial", "min"))
+    stats = stats.reset_index()
+    stats["key"] = -stats["mean"] if maximize else stats["mean"]
+    stats = stats.sort_values([*by, "key", "trial"])
+    stats["rank"] = stats.groupby(list(by)).cumcount() + 1
+    return stats.drop(columns="key")
+
+
+# ------------------------------------------------------------------ one table per plot
+
+
+def sensitivity_table(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """Final ``metric`` per (complete trial, seed) against its criterion's threshold parameter.
+
+    Columns: study, criterion, threshold_name (``switch.zeta``, ...), threshold (float), log_x (bool), trial,
+    variant, seed, switch_epoch (observed), value, metric. Criteria without a threshold parameter in the runs
+    (``never``, ``any``/``all``) are left out."""
+    metric = metric or objective_of(table)
+    finals = final_values(table, metric)
+    if finals.empty:
+        return empty(finals.attrs["reason"])
+    parts = []
+    for criterion, (name, log) in THRESHOLDS.items():
+        column = f"param.{name}"
+        if column not in finals:
+            continue
+        rows = finals[(finals["criterion"] == criterion) & finals[column].notna()]
+        if rows.empty:
+            continue
+        part = rows[["study", "criterion", "trial", "variant", "seed", "switch_epoch", "value"]].copy()
+        part.insert(2, "threshold_name", name)
+        part.insert(3, "threshold", pd.to_numeric(rows[column], errors="coerce").astype(float))
+        part.insert(4, "log_x", log)
+        parts.append(part[part["threshold"].notna()])
+    parts = [p for p in parts if not p.empty]
+    if not parts:
+        found = sorted(c for c in finals["criterion"].unique() if c) or ["none"]
+        return empty(f"no complete trial of {_studies(table)} has a switch threshold to vary (criteria: "
+                     f"{', '.join(found)}; thresholds: {', '.join(n for n, _ in THRESHOLDS.values())})")
+    out = pd.concat(parts, ignore_index=True)
+    out["metric"] = metric
+    return out
+
+
+def seed_variance_table(table: pd.DataFrame, metric: str | None = None, top: int = 12) -> pd.DataFrame:
+    """Final ``metric`` per (complete trial, seed) for the ``top`` variants of each workload by mean over seeds
+    (rank 1 = best). Columns: workload, study, optimizer, variant, trial, seed, value, rank, metric."""
+    metric = metric or objective_of(table)
+    finals = final_values(table, metric)
+    if finals.empty:
+        return empty(finals.attrs["reason"])
+    ranks = _rank_variants(finals, metric, by=("workload",))
+    keep = ranks[ranks["rank"] <= top][["workload", "variant", "rank"]]
+    out = finals.merge(keep, on=["workload", "variant"])
+    out = out[["workload", "study", "optimizer", "variant", "trial", "seed", "value", "rank"]].copy()
+    out["metric"] = metric
+    out = out.sort_values(["workload", "rank", "seed"]).reset_index(drop=True)
+    shown = out["variant"].nunique()
+    total = finals["variant"].nunique()
+    if shown < total:
+        out.attrs["note"] = f"seed variance: the best {top} of {total} configurations per workload are shown"
+    return out
+
+
+def learning_curve_table(table: pd.DataFrame, metrics: Sequence[str] = ("train_loss", "test_accuracy"),
+                         top: int = 4, rank_metric: str | None = None) -> pd.DataFrame:
+    """Per-epoch ``metrics`` of the ``top`` complete variants of each study (ranked by final ``rank_metric``,
+    the objective by default). Columns: study, variant, trial, seed, metric, epochs_completed, value,
+    switch_epoch, phase, rank. Metrics no run logged are left out (``attrs["note"]`` names them)."""
+    if table.empty:
+        return empty(f"no per-epoch metrics in {_studies(table)}")
+    rank_metric = rank_metric or objective_of(table)
+    finals = final_values(table, rank_metric)
+    if finals.empty:
+        return empty(finals.attrs["reason"])
+    logged = set(table["metric"].unique())
+    present = [m for m in metrics if m in logged]
+    missing = [m for m in metrics if m not in logged]
+    if not present:
+        return empty(f"{', '.join(metrics)}: not logged by any run of {_studies(table)}")
+    ranks = _rank_variants(finals, rank_metric)
+    keep = ranks[ranks["rank"] <= top][["study", "variant", "rank"]]
+    rows = table[table["metric"].isin(present) & (table["state"] == "complete")].merge(keep, on=["study", "variant"])
+    out = rows[["study", "variant", "trial", "seed", "metric", "epoch", "value", "switch_epoch", "phase", "rank"]]
+    out = out.rename(columns={"epoch": "epochs_completed"}).copy()
+    out["epochs_completed"] = out["epochs_completed"] + 1
+    out = out.sort_values(["study", "rank", "metric", "seed", "epochs_completed"]).reset_index(drop=True)
+    if missing:
+        out.attrs["note"] = f"learning curves: {', '.join(missing)} not logged by any run of {_studies(table)}"
+    return out
+
+
+def theta_schedule_table(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """Per-epoch ``metric`` of complete trials with a ``theta.schedule`` parameter (FUSE).
+
+    Columns: study, schedule, variant, trial, seed, epochs_completed, value, final (bool: the seed's last
+    epoch), best (bool: the trial with the best final mean of its schedule), metric."""
+    metric = metric or objective_of(table)
+    if "param.theta.schedule" not in table:
+        return empty(f"no trial of {_studies(table)} has a theta.schedule parameter (FUSE studies do)")
+    rows, reason = _metric_rows(table[table["param.theta.schedule"].notna()], metric)
+    if reason:
+        return empty(reason)
+    out = rows[["study", "param.theta.schedule", "variant", "trial", "seed", "epoch", "value"]].rename(
+        columns={"param.theta.schedule": "schedule", "epoch": "epochs_completed"}).copy()
+    out["epochs_completed"] = out["epochs_completed"] + 1
+    last = out.groupby(["trial", "study", "seed"])["epochs_completed"].transform("max")
+    out["final"] = out["epochs_completed"] == last
+    means = out[out["final"]].groupby(["study", "schedule", "trial"])["value"].mean().reset_index()
+    maximize = _direction(out, metric) == "maximize"
+    means = means.sort_values(["study", "schedule", "value", "trial"], ascending=[True, True, not maximize, True])
+    best = means.groupby(["study", "schedule"]).head(1)[["study", "trial"]]
+    out["best"] = out.set_index(["study", "trial"]).index.isin(best.set_index(["study", "trial"]).index)
+    out["metric"] = metric
+    return out.sort_values(["study", "schedule", "trial", "seed", "epochs_completed"]).reset_index(drop=True)
+
+
+def history_batch_table(table: pd.DataFrame, metric: str | None = None, row: str = "history_size",
+                        column: str = "batch_size_after_switch") -> pd.DataFrame:
+    """Mean final ``metric`` over seeds and trials per (``row``, ``column``) parameter cell, complete trials.
+    Columns: the two parameter names, value (mean), std (over seeds and trials; 0 for one), n (values)."""
+    metric = metric or objective_of(table)
+    missing = [name for name in (row, column) if f"param.{name}" not in table]
+    if missing:
+        return empty(f"no trial of {_studies(table)} has the parameter(s) {', '.join(missing)}")
+    finals = final_values(table, metric)
+    if finals.empty:
+        return empty(finals.attrs["reason"])
+    cells = finals[[f"param.{row}", f"param.{column}", "value"]].dropna()
+    cells = cells.rename(columns={f"param.{row}": row, f"param.{column}": column})
+    if cells.empty:
+        return empty(f"no complete trial of {_studies(table)} sets both {row} and {column}")
+    out = cells.groupby([row, column]).agg(value=("value", "mean"), std=("value", "std"), n=("value", "size"))
+    out = out.reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    out["metric"] = metric
+    return out
+
+
+def switch_ecdf_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Empirical CDF of the observed switch epoch per criterion over complete (trial, seed) runs.
+
+    ``fraction`` at ``switch_epoch = k`` is the share of *all* the criterion's runs that had switched after
+    ``k`` epochs, so a curve tops out at the share that switched at all. Columns: criterion, switch_epoch,
+    fraction, n_switched, n_runs."""
+    if table.empty:
+        return empty(f"no per-epoch metrics in {_studies(table)}")
+    runs = table[(table["state"] == "complete") & (table["criterion"] != "")].drop_duplicates(["run_id", "seed"])
+    if runs.empty:
+        return empty(f"no complete trial of {_studies(table)} has a switch criterion")
+    parts = []
+    for criterion, group in runs.groupby("criterion"):
+        epochs = np.sort(group["switch_epoch"].dropna().to_numpy(dtype=float))
+        n_runs = len(group)
+        for index, epoch in enumerate(epochs):
+            parts.append({"criterion": criterion, "switch_epoch": float(epoch), "fraction": (index + 1) / n_runs,
+                          "n_switched": len(epochs), "n_runs": n_runs})
+    if not parts:
+        return empty(f"none of the {len(runs)} complete (trial, seed) runs of {_studies(table)} switched")
+    return pd.DataFrame(parts)
+
+
+def performance_profile_table(table: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
+    """Dolan-More performance profiles: problems are (workload, seed) pairs, solvers are optimizers (or switch
+    criteria when the table has one optimizer), each solver at its best configuration per workload (the best
+    mean final objective over seeds among its complete trials).
+
+    The cost of a solver on a problem is ``1 - value`` for a maximized objective (accuracy -> error) and the
+    value itself otherwise, floored at 1e-12; ``ratio = cost / min over solvers``; the profile
+    ``rho_s(tau)`` is the share of problems with ``ratio <= tau``. Problems some solver did not run are left
+    out. Columns: solver, tau, fraction, n_problems."""
+    if table.empty:
+        return empty(f"no per-epoch metrics in {_studies(table)}")
+    if by is None:
+        by = "optimizer" if table["optimizer"].nunique() > 1 else "criterion"
+    parts, reasons = [], []
+    for workload, rows in table.groupby("workload"):
+        metric = objective_of(rows)
+        finals = final_values(rows, metric)
+        if finals.empty:
+            reasons.append(finals.attrs["reason"])
+            continue
+        finals = finals.assign(solver=finals[by].where(finals[by] != "", finals["optimizer"]))
+        maximize = objective_direction(metric) == "maximize"
+        ranks = _rank_variants(finals, metric, by=("solver",))
+        best = ranks[ranks["rank"] == 1][["solver", "variant"]]
+        chosen = finals.merge(best, on=["solver", "variant"])
+        cost = (1.0 - chosen["value"]) if maximize else chosen["value"]
+        chosen = chosen.assign(cost=cost.clip(lower=1e-12), problem=[f"{workload}/seed {s}" for s in chosen["seed"]])
+        parts.append(chosen.groupby(["problem", "solver"])["cost"].mean().reset_index())
+    if not parts:
+        return empty("; ".join(reasons))
+    costs = pd.concat(parts).pivot(index="problem", columns="solver", values="cost").dropna()
+    if costs.shape[1] < 2:
+        return empty(f"performance profiles compare two or more solvers; {_studies(table)} has one "
+                     f"({', '.join(costs.columns) or 'none'}) by {by}")
+    if costs.empty:
+        return empty("no (workload, seed) problem was run by every solver")
+    ratios = costs.div(costs.min(axis=1), axis=0)
+    taus = np.unique(np.concatenate([[1.0], ratios.to_numpy().ravel()]))
+    rows = [{"solver": solver, "tau": float(tau), "fraction": float((ratios[solver] <= tau).mean()),
+             "n_problems": len(ratios)} for solver in ratios.columns for tau in taus]
+    return pd.DataFrame(rows)
+
+
+def importance_table(study: Any, evaluator: str = "ped_anova") -> pd.DataFrame:
+    """Hyperparameter importances of an Optuna study: ``ped_anova`` (PED-ANOVA, Optuna's fast default for
+    small studies) or ``fanova`` (random-forest fANOVA). Columns: param, importance, evaluator."""
+    import optuna
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(complete) < 2:
+        return empty(f"parameter importance needs two or more complete trials; study {study.study_name!r} has "
+                     f"{len(complete)}")
+    if len(study.directions) > 1:
+        return empty(f"study {study.study_name!r} has {len(study.directions)} objectives; importance is drawn for "
+                     "single-objective studies")
+    if evaluator == "fanova":
+        chosen = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    elif evaluator == "ped_anova":
+        chosen = optuna.importance.PedAnovaImportanceEvaluator()
+    else:
+        raise ValueError(f"evaluator must be 'ped_anova' or 'fanova', got {evaluator!r}")
+    try:
+        with warnings.catch_warnings():  # "some regimes have less than 2 trials": expected in small studies
+            warnings.simplefilter("ignore", UserWarning)
+            importances = optuna.importance.get_param_importances(study, evaluator=chosen)
+    except (RuntimeError, ValueError, ZeroDivisionError) as exc:
+        return empty(f"parameter importance ({evaluator}) failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+    if not importances:
+        return empty(f"study {study.study_name!r} has no parameter shared by all its complete trials")
+    return pd.DataFrame({"param": list(importances), "importance": [float(v) for v in importances.values()],
+                         "evaluator": evaluator})
+
+
+def best_configurations(trials: pd.DataFrame, optuna_best: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """The best complete trial of each study (by its logged ``objective.<metric>``; ties go to the lower trial
+    number, as Optuna's ``best_trial``), sorted by workload.
+
+    ``optuna_best`` maps a study name to its Optuna ``best_trial`` (a ``FrozenTrial``) or to a one-line reason
+    why it could not be read. The ``checked`` column says whether the row matches Optuna's best trial; where
+    they disagree, Optuna's trial is the one shown. Columns: workload, study, optimizer, objective, trial,
+    value, std, switch_epochs, variant, params (``name=value, ...``), checked."""
+    columns = ["workload", "study", "optimizer", "objective", "trial", "value", "std", "switch_epochs", "variant",
+               "params", "checked"]
+    if trials.empty:
+        return empty("no trials", columns)
+    optuna_best = optuna_best or {}
+    rows = []
+    for study, group in trials.groupby("study", sort=True):
+        complete = group[(group["state"] == "complete") & group["value"].notna()]
+        if complete.empty:
+            continue
+        maximize = complete["direction"].iloc[0] == "maximize"
+        ordered = complete.sort_values(["value", "trial"], ascending=[not maximize, True])
+        best = ordered.iloc[0]
+        reference = optuna_best.get(study)
+        if reference is None:
+            checked = "not checked: no Optuna storage given or recorded"
+        elif isinstance(reference, str):
+            checked = f"not checked: {reference}"
+        elif int(reference.number) == int(best["trial"]) and float(reference.value) == float(best["value"]):
+            checked = f"matches Optuna best_trial #{reference.number}"
+        else:
+            match = complete[complete["trial"] == int(reference.number)]
+            checked = (f"MLflow's best is trial #{int(best['trial'])} ({best['value']:.6g}); Optuna's best_trial is "
+                       f"#{reference.number} ({float(reference.value):.6g})")
+            if not match.empty:
+                best = match.iloc[0]
+        params = {c[len("param."):]: best[c] for c in group.columns if c.startswith("param.") and pd.notna(best[c])}
+        rows.append({"workload": best["workload"], "study": study, "optimizer": best["optimizer"],
+                     "objective": best["objective"], "trial": int(best["trial"]), "value": float(best["value"]),
+                     "std": float(best["std"]), "switch_epochs": best["switch_epochs"], "variant": best["variant"],
+                     "params": ", ".join(f"{k}={_short(v)}" for k, v in params.items()), "checked": checked})
+    if not rows:
+        return empty("no complete trial has an objective value", columns)
+    return pd.DataFrame(rows, columns=columns).sort_values(["workload", "study"]).reset_index(drop=True)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
+    return str(value)
