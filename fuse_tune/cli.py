@@ -32,7 +32,9 @@ def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
     Values are read as YAML scalars/flow collections (``1e-3`` -> float, ``[64, 64]`` -> list,
     ``true`` -> bool, ``null`` -> None); dotted keys build nested dicts.
     """
-    result: dict[str, Any] = {}
+    from fuse_tune.spec import SpecError, nest
+
+    flat: dict[str, Any] = {}
     for item in assignments:
         if "=" not in item:
             raise CLIError(f"--set expects key=value, got {item!r}")
@@ -45,15 +47,11 @@ def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             raise CLIError(f"--set {key}: cannot read value {raw!r} (numbers, true/false, null, [lists], {{dicts}}, "
                            "or text)") from None
-        target = result
-        parts = key.split(".")
-        for part in parts[:-1]:
-            existing = target.setdefault(part, {})
-            if not isinstance(existing, dict):
-                raise CLIError(f"--set {key}: {part!r} was already given a value")
-            target = existing
-        target[parts[-1]] = value
-    return result
+        flat[key] = value
+    try:
+        return nest(flat)
+    except SpecError as exc:
+        raise CLIError(f"--set {exc}") from None
 
 
 def _read_value(raw: str) -> Any:

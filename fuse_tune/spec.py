@@ -172,6 +172,8 @@ def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
             if not isinstance(existing, dict):
                 raise SpecError(f"{key}: {part!r} is both a value and a group of settings")
             target = existing
+        if isinstance(target.get(parts[-1]), dict):
+            raise SpecError(f"{key}: {parts[-1]!r} is both a value and a group of settings")
         target[parts[-1]] = value
     return result
 
