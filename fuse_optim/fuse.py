@@ -186,6 +186,7 @@ class _AdamLBFGSBase(Optimizer):
         self._memory: LBFGSMemory | None = None
         self._adam_scale: torch.Tensor | None = None
         self._last_good: torch.Tensor | None = None
+        self._x0_buffer: torch.Tensor | None = None
         self._grad_reference: float | None = None
         self.closure_calls = 0
         self.recoveries = 0
@@ -232,8 +233,9 @@ class _AdamLBFGSBase(Optimizer):
         return self._memory.skipped if self._memory is not None else 0
 
     # ------------------------------------------------------------------ flat views
-    def _flat_params(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self._all_params()])
+    def _flat_params(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        parts = [p.detach().reshape(-1) for p in self._all_params()]
+        return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
     def _flat_grad(self) -> torch.Tensor:
         parts = []
@@ -452,7 +454,11 @@ class _AdamLBFGSBase(Optimizer):
             self._recover(RECOVERY_NON_FINITE, self._last_good)
             self._record_lbfgs(loss0, None, None, calls_before, RECOVERY_NON_FINITE)
             return loss
-        x0 = self._flat_params()
+        # x_k goes into a buffer reused every step (a fresh 4 MB allocation per step costs page faults);
+        # the previous step's x_k in it is no longer needed once this step's loss proved finite.
+        if self._x0_buffer is None or self._x0_buffer.numel() != grad0.numel():
+            self._x0_buffer = torch.empty_like(grad0)
+        x0 = self._flat_params(out=self._x0_buffer)
         self._last_good = x0
         if self._grad_reference is None:
             self._grad_reference = grad_max

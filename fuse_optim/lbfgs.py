@@ -54,6 +54,7 @@ class LBFGSMemory:
         self._alpha = torch.zeros(history_size + 1, dtype=dtype, device=device)
         self.gamma = 1.0
         self.rows: list[int] = []  # physical rows of the stored pairs, oldest first
+        self._gram_pending: int | None = None  # row whose Gram column the next direction computes
         self.accepted = 0
         self.skipped = 0
         self.damped = 0
@@ -65,7 +66,7 @@ class LBFGSMemory:
 
     def reset(self) -> None:
         """Forget every pair (after a failure); counters are kept."""
-        self.rows, self.gamma = [], 1.0
+        self.rows, self.gamma, self._gram_pending = [], 1.0, None
 
     def free_row(self) -> int:
         """The physical row the next pair is written into."""
@@ -85,8 +86,8 @@ class LBFGSMemory:
             s_row.copy_(s)
         if y.data_ptr() != y_row.data_ptr():
             y_row.copy_(y)
-        sy = float(torch.dot(s_row, y_row))
-        s_norm, y_norm = float(s_row.norm()), float(y_row.norm())
+        sy, y_norm = float(torch.dot(s_row, y_row)), float(y_row.norm())
+        s_norm = float(s_row.norm())
         if not (s_norm > 0 and y_norm > 0) or not all(map(_is_finite, (sy, s_norm, y_norm))):
             self.skipped += 1
             return False
@@ -104,12 +105,11 @@ class LBFGSMemory:
             sy = float(torch.dot(s_row, y_row))
             self.damped += 1
         self.rho[row] = 1.0 / sy
-        if self._use_compact():
-            products = torch.mv(self._stacked, y_row).to(torch.float64)  # [S'y_new; Y'y_new], one pass
-            m1 = self.history_size + 1
-            self._sty[:, row] = products[:m1]
-            self._yty[:, row] = products[m1:]
-            self._yty[row, :] = products[m1:]
+        # The Gram column of the new pair ([S'y_new; Y'y_new]) is computed with the next direction's
+        # products in one matrix-matrix product: one pass over the stacked history instead of two.
+        if self._gram_pending is not None:  # two pairs without a direction in between: settle the first
+            self._settle_gram(self._gram_pending, torch.mv(self._stacked, self.y[self._gram_pending]))
+        self._gram_pending = row if self._use_compact() else None
         self.rows.append(row)
         if len(self.rows) > self.history_size:
             self.rows.pop(0)
@@ -155,6 +155,15 @@ class LBFGSMemory:
     def _use_compact(self) -> bool:
         return self.s.shape[1] >= self.COMPACT_MIN_DIMENSION
 
+    def _settle_gram(self, row: int, products: torch.Tensor) -> None:
+        """Store ``[S'y_row; Y'y_row]`` as the Gram column (and row) of ``row``."""
+        m1 = self.history_size + 1
+        products = products.to(torch.float64)
+        self._sty[:, row] = products[:m1]
+        self._yty[:, row] = products[m1:]
+        self._yty[row, :] = products[m1:]
+        self._gram_pending = None
+
     def _direction_compact(self, grad: torch.Tensor) -> torch.Tensor:
         """``d = -H g`` by the compact representation (Byrd, Nocedal & Schnabel 1994, Eq. 3.13):
 
@@ -165,7 +174,13 @@ class LBFGSMemory:
         """
         m1 = self.history_size + 1
         index = torch.tensor(self.rows, device=grad.device)
-        products = torch.mv(self._stacked, grad).to(torch.float64)
+        pending = self._gram_pending
+        if pending is not None:
+            both = torch.mm(self._stacked, torch.stack([self.y[pending], grad]).t()).to(torch.float64)
+            self._settle_gram(pending, both[:, 0])
+            products = both[:, 1]
+        else:
+            products = torch.mv(self._stacked, grad).to(torch.float64)
         a, b = products[:m1][index], products[m1:][index]
         r = torch.triu(self._sty[index][:, index])
         yty = self._yty[index][:, index]
@@ -198,7 +213,7 @@ class LBFGSMemory:
     def state_dict(self) -> dict[str, Any]:
         return {
             "s": self.s.clone(), "y": self.y.clone(), "rho": self.rho.clone(), "gamma": self.gamma,
-            "sty": self._sty.clone(), "yty": self._yty.clone(),
+            "sty": self._sty.clone(), "yty": self._yty.clone(), "gram_pending": self._gram_pending,
             "rows": list(self.rows), "accepted": self.accepted, "skipped": self.skipped, "damped": self.damped,
         }
 
@@ -213,6 +228,7 @@ class LBFGSMemory:
         if "sty" in state:
             self._sty.copy_(state["sty"].to(torch.float64))
             self._yty.copy_(state["yty"].to(torch.float64))
+            self._gram_pending = state.get("gram_pending")
         else:  # a state saved before the compact representation existed
             self._sty.copy_(self.s.to(torch.float64) @ self.y.to(torch.float64).t())
             self._yty.copy_(self.y.to(torch.float64) @ self.y.to(torch.float64).t())
