@@ -19,9 +19,9 @@ repeats:
 * end to end: trials / wall seconds of the whole ``run_ray_study`` (the experiment's fixed start-up included:
   Tuner set-up, trial actors starting and importing torch, MLflow connections).
 
-For scale, the machine's own ceiling is measured too, without Ray: one trial's training (the study's model,
-optimizer, epochs and seeds, one torch thread) in 1 process, and in 2 processes at once; ceiling = 2 x solo time
-/ paired time. On a shared 2-vCPU machine it is under 2.
+For scale, the machine's own ceiling is measured in every repeat too, without Ray: one trial's training (the
+study's model, optimizer, epochs and seeds, one torch thread) in 1 process, and in 2 processes at once; ceiling =
+2 x solo time / paired time. On a shared 2-vCPU machine it is under 2, and it moves with the other users' load.
 """
 
 from __future__ import annotations
@@ -143,27 +143,30 @@ def main() -> None:
         spec = load_spec(study)
         loads = [os.getloadavg()]
         print(f"load average before: {loads[0][0]:.2f} {loads[0][1]:.2f} {loads[0][2]:.2f}; {os.cpu_count()} cores")
-        raw = raw_ceiling(study, args.repeats)
-        print(f"  without Ray: one trial's training {raw['solo']:.2f} s alone, {raw['paired']:.2f} s with a second "
-              f"at once -> ceiling {raw['ceiling']:.2f}x", flush=True)
         start_local_ray(num_cpus=2, log_to_driver=False)  # what fuse-tune starts: workers at normal priority
-        runs = []
+        runs, raws = [], []
         try:
             one_run(spec, 2, 2, workdir, not args.no_mlflow, "warmup")
             for repeat in range(args.repeats):
+                raws.append(raw_ceiling(study, 1))
+                pair = {}
                 for n_jobs in (1, 2):
-                    run = one_run(spec, n_jobs, args.trials, workdir, not args.no_mlflow, str(repeat))
+                    pair[n_jobs] = run = one_run(spec, n_jobs, args.trials, workdir, not args.no_mlflow, str(repeat))
                     runs.append(run)
                     loads.append(os.getloadavg())
                     print(f"  repeat {repeat}  {n_jobs} concurrent: {run['complete']} complete; trials ran "
                           f"{run['span']:5.1f} s -> {run['throughput']:.3f} trials/s; end to end "
                           f"{run['seconds']:5.1f} s -> {run['end_to_end']:.3f} trials/s; mean time in a trial "
                           f"{run['mean_trial_s']:.2f} s; load {loads[-1][0]:.2f}", flush=True)
+                print(f"  repeat {repeat}: ratio {pair[2]['throughput'] / pair[1]['throughput']:.2f}x; without Ray "
+                      f"{raws[-1]['solo']:.2f} s alone, {raws[-1]['paired']:.2f} s paired -> ceiling "
+                      f"{raws[-1]['ceiling']:.2f}x", flush=True)
         finally:
             ray.shutdown()
         print(f"load average after: {loads[-1][0]:.2f} {loads[-1][1]:.2f} {loads[-1][2]:.2f}")
     med = {key: {n: statistics.median(r[key] for r in runs if r["n_jobs"] == n) for n in (1, 2)}
            for key in ("throughput", "end_to_end")}
+    per_repeat = [runs[2 * i + 1]["throughput"] / runs[2 * i]["throughput"] for i in range(args.repeats)]
     print(f"study {spec.name} ({spec.workload}, {spec.epochs} epochs x {len(spec.seeds)} seeds), {args.trials} trials, "
           f"MLflow {'off' if args.no_mlflow else 'on (SQLite)'}; medians over {args.repeats} repeat(s):")
     for key, title in (("throughput", "trial throughput"), ("end_to_end", "end to end (start-up included)")):
@@ -171,10 +174,13 @@ def main() -> None:
         target = f" (target >= 1.6x: {'met' if ratio >= 1.6 else 'NOT met'})" if key == "throughput" else ""
         print(f"  {title}: 1 concurrent {med[key][1]:.3f} trials/s, 2 concurrent {med[key][2]:.3f} trials/s, "
               f"ratio {ratio:.2f}x{target}")
-    print(f"  the machine without Ray: 2 trainings at once {raw['ceiling']:.2f}x as fast as 1 "
-          f"({raw['solo']:.2f} s alone, {raw['paired']:.2f} s each when paired)")
+    print(f"  trial throughput ratio per repeat: {', '.join(f'{r:.2f}x' for r in per_repeat)} "
+          f"(median {statistics.median(per_repeat):.2f}x)")
+    ceilings = [r["ceiling"] for r in raws]
+    print(f"  the machine without Ray, 2 trainings at once against 1: {', '.join(f'{c:.2f}x' for c in ceilings)} "
+          f"(median {statistics.median(ceilings):.2f}x)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "loads": loads, "raw": raw}, indent=2))
+        Path(args.json).write_text(json.dumps({"runs": runs, "loads": loads, "raw": raws}, indent=2))
 
 
 if __name__ == "__main__":
