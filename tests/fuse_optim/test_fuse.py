@@ -8,6 +8,8 @@ import torch
 from fuse_optim import Fuse, FusePV
 from fuse_optim.testing import TEST_FUNCTIONS
 
+from .problems import step_iterates
+
 ROSENBROCK = TEST_FUNCTIONS["rosenbrock"]
 
 
@@ -16,17 +18,7 @@ def start(dim: int = 4) -> torch.Tensor:
 
 
 def run(opt: torch.optim.Optimizer, x: torch.Tensor, steps: int, fn=ROSENBROCK.fn) -> list[torch.Tensor]:
-    def closure():
-        opt.zero_grad()
-        loss = fn(x)
-        loss.backward()
-        return loss
-
-    iterates = []
-    for _ in range(steps):
-        opt.step(closure)
-        iterates.append(x.detach().clone())
-    return iterates
+    return step_iterates(opt, x, steps, fn)
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -13,7 +13,7 @@ from fuse_optim import Fuse, FusePV, LBFGSMemory
 from fuse_optim.line_search import Armijo, StrongWolfe
 from fuse_optim.testing import TEST_FUNCTIONS
 
-from .problems import spd_matrix
+from .problems import spd_matrix, step_iterates
 
 LBFGS_FROM_START = {"criterion": "step", "step": 0}
 
@@ -99,18 +99,7 @@ def fuse_pv_iterates(fn, x0: torch.Tensor, steps: int, **options) -> tuple[list[
     options.setdefault("tolerance_grad", 0.0)
     options.setdefault("switch", LBFGS_FROM_START)
     opt = FusePV([x], **options)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = fn(x)
-        loss.backward()
-        return loss
-
-    iterates = []
-    for _ in range(steps):
-        opt.step(closure)
-        iterates.append(x.detach().clone())
-    return iterates, opt
+    return step_iterates(opt, x, steps, fn), opt
 
 
 # --------------------------------------------------------------------------- memory vs dense BFGS
