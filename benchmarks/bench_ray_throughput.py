@@ -84,19 +84,16 @@ def _raw_worker(study: str, barrier: Any, out: Any) -> None:
     import torch
 
     from fuse_tune.spec import load_spec
-    from fuse_tune.train import Trainer
-    from fuse_tune.trial import _complete_assignment, seed_config
+    from fuse_tune.trial import SeedRuns, _complete_assignment
 
     torch.set_num_threads(1)
     spec = load_spec(study)
     settings = spec.configuration(_complete_assignment(spec.search, {}))  # every range at its low end
-    configs = [seed_config(spec, settings, seed, threads=1, device="cpu") for seed in spec.seeds]
     barrier.wait()
     start = time.perf_counter()
-    for config in configs:
-        trainer = Trainer(config)
-        while not trainer.done:
-            trainer.run_epoch()
+    runs = SeedRuns(spec, settings, threads=1, device="cpu")  # the trial's training, seeds together, as under Ray
+    while not runs.done:
+        runs.run_epoch()
     out.put(time.perf_counter() - start)
 
 

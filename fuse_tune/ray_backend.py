@@ -6,10 +6,12 @@
 * Search: Optuna's sampler of the study file (:func:`fuse_tune.optuna_backend.make_sampler`) inside Tune's
   ``OptunaSearch``, with :func:`fuse_tune.trial.suggest` as its define-by-run space, so both backends draw from
   the same space with the same sampler; at most ``--n-jobs`` trials run at once (default: as many as the
-  cluster's CPUs/GPUs fit). Each configuration runs on every seed of the study.
+  cluster's CPUs/GPUs fit). Each configuration runs on every seed of the study, the seeds advancing together
+  (:class:`fuse_tune.trial.SeedRuns`, as under the Optuna backend).
 * Early stopping: Optuna pruners do not apply under Ray; a study with ``pruner: median | hyperband`` gets Tune's
-  ASHA scheduler instead (``pruner: none`` or a cost objective: none). Every epoch of every seed reports once,
-  with ``step = seed_index * epochs + epoch`` as in the Optuna backend; ASHA compares trials at equal steps.
+  ASHA scheduler instead (``pruner: none`` or a cost objective: none). Each epoch reports once, the mean over
+  seeds of the objective at ``step = epoch``, as the Optuna backend reports to its pruner; ASHA compares trials
+  at equal steps.
 * Resources: ``resources: {cpu, gpu}`` of the study file are each trial's request (fractions allowed); torch
   uses ``max(1, floor(cpu))`` threads per trial. A request no node of the cluster can meet (``gpu: 1`` with no
   GPU, more CPUs than the largest node has) is refused before anything runs, in one line (exit status 2),
@@ -20,7 +22,7 @@
   directories, possibly on other machines (there the paths must be shared).
 * Checkpoints: after every epoch a trial reports a checkpoint with the whole
   :meth:`fuse_tune.train.Trainer.state_dict` (model, optimizer with its phase, Adam moments, L-BFGS memory and
-  criterion state, generators, counters, history), the seed index, the finished seeds' results and the MLflow
+  criterion state, generators, counters, history) of every seed, and the MLflow
   child run id, so a restored trial (or one cloned by PBT) continues exactly where it stopped.
   ``fuse-tune resume STUDY.yaml --backend ray`` (or the same ``run`` command again) restores an interrupted
   experiment with ``Tuner.restore``: finished trials stay finished, unfinished and errored ones continue from
@@ -37,28 +39,20 @@ import json
 import math
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from fuse_tune.spec import SpecError, StudySpec
 from fuse_tune.tracking import MlflowTracker, redact
-from fuse_tune.train import EpochMetrics, Trainer, TrainResult
-from fuse_tune.trial import (
-    _intermediate,
-    _loggable,
-    log_outcome,
-    seed_config,
-    study_run_info,
-    suggest,
-    summarize,
-    trial_tags,
-)
+from fuse_tune.train import EpochMetrics
+from fuse_tune.trial import SeedRuns, _loggable, log_outcome, study_run_info, suggest, trial_tags
 
 __all__ = ["RayContext", "ResourceError", "RaySummary", "TrialLoop", "check_resources", "fuse_trainable",
            "load_checkpoint", "run_ray_study", "start_local_ray", "DEFAULT_RAY_STORAGE", "CHECKPOINT_FILE",
@@ -68,7 +62,7 @@ DEFAULT_RAY_STORAGE = "ray_results"
 CHECKPOINT_FILE = "fuse_trial.pt"
 STUDY_RECORD = "fuse-study.json"
 TRIAL_KEY = "fuse_trial"  # the Optuna trial number, added to each configuration by the searcher
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: every seed's state in one payload (the seeds advance together)
 # Every checkpoint is kept while the experiment runs: with Tune's num_to_keep, a driver killed between Tune deleting
 # an old checkpoint and its next experiment snapshot leaves a snapshot that names the deleted checkpoint, and that
 # trial cannot be restored. A finished experiment keeps only each trial's last checkpoint (_prune_checkpoints).
@@ -204,24 +198,12 @@ def load_checkpoint(checkpoint: Any) -> dict[str, Any] | None:
     return torch.load(Path(checkpoint) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
 
 
-def _result_record(result: TrainResult) -> dict[str, Any]:
-    return {"history": [m.as_dict() for m in result.history], "time_to_target": result.time_to_target,
-            "grad_evals_to_target": result.grad_evals_to_target, "stopped_early": result.stopped_early}
-
-
-def _train_result(record: Mapping[str, Any], config: Any) -> TrainResult:
-    return TrainResult(config, [EpochMetrics(**m) for m in record["history"]], record["time_to_target"],
-                       record["grad_evals_to_target"], record["stopped_early"])
-
-
 @dataclass
 class _Progress:
     """Where a trial stands; the checkpoint payload."""
 
-    seed_index: int = 0
-    trainer: dict[str, Any] | None = None  # Trainer.state_dict() within the current seed
-    completed: list[dict[str, Any]] = field(default_factory=list)  # finished seeds' results
-    epochs_run: int = 0
+    runs: dict[str, Any] | None = None  # SeedRuns.state_dict(): every seed's Trainer state, the group's epoch
+    finished: bool = False  # every seed has trained its last epoch
     mlflow_run_id: str | None = None
 
 
@@ -342,8 +324,10 @@ class TrialLoop:
             if restored.get("fingerprint") != spec.fingerprint():
                 raise SpecError(f"checkpoint of trial {trial_id} was taken from a different study "
                                 f"(fingerprint {restored.get('fingerprint')} != {spec.fingerprint()})")
-            self.progress = _Progress(seed_index=restored["seed_index"], trainer=restored["trainer"],
-                                      completed=list(restored["completed"]), epochs_run=restored["epochs_run"],
+            if restored.get("format") != CHECKPOINT_FORMAT:
+                raise SpecError(f"checkpoint of trial {trial_id} has format {restored.get('format')}, this version "
+                                f"of fuse-tune reads format {CHECKPOINT_FORMAT}")
+            self.progress = _Progress(runs=restored["runs"], finished=restored["finished"],
                                       mlflow_run_id=restored["mlflow_run_id"])
             if restored.get("ray_trial_id") not in (None, trial_id):  # cloned (PBT): a run of its own
                 self.cloned_from = self.progress.mlflow_run_id
@@ -352,8 +336,8 @@ class TrialLoop:
     def payload(self) -> dict[str, Any]:
         p = self.progress
         return {"format": CHECKPOINT_FORMAT, "fingerprint": self.ctx.spec.fingerprint(), "ray_trial_id": self.trial_id,
-                "trial": self.number, "sampled": self.sampled, "seed_index": p.seed_index, "trainer": p.trainer,
-                "completed": p.completed, "epochs_run": p.epochs_run, "mlflow_run_id": p.mlflow_run_id}
+                "trial": self.number, "sampled": self.sampled, "runs": p.runs, "finished": p.finished,
+                "mlflow_run_id": p.mlflow_run_id}
 
     def _open_run(self) -> Any:
         if self.ctx.tracking_uri is None:
@@ -376,59 +360,45 @@ class TrialLoop:
     def _loop(self, child: Any, report: Callable[[dict[str, Any], str], None]) -> dict[str, Any]:
         import torch
 
-        spec, progress = self.ctx.spec, self.progress
+        progress = self.progress
         torch.set_num_threads(self.ctx.threads)
-        n_seeds = len(spec.seeds)
-        final: dict[str, Any] = {}
-        if progress.seed_index >= n_seeds:  # restored from the final checkpoint: Tune has the final result already
-            config = seed_config(spec, self.settings, spec.seeds[-1], threads=self.ctx.threads, device=self.ctx.device)
-            outcome = summarize(spec, [_train_result(r, config) for r in progress.completed], progress.epochs_run)
-            child.finish_complete(outcome, spec)
+        runs = SeedRuns(self.ctx.spec, self.settings, threads=self.ctx.threads, device=self.ctx.device)
+        if progress.runs is not None:
+            runs.load_state_dict(progress.runs)
+        if progress.finished:  # restored from the final checkpoint: Tune has the final result already
+            outcome = runs.outcome()
+            child.finish_complete(outcome, self.ctx.spec)
             return self._final_metrics(outcome)
-        while progress.seed_index < n_seeds:
-            seed = spec.seeds[progress.seed_index]
-            config = seed_config(spec, self.settings, seed, threads=self.ctx.threads, device=self.ctx.device)
-            trainer = Trainer(config)
-            if progress.trainer is not None:
-                trainer.load_state_dict(progress.trainer)
-            while not trainer.done:
-                metrics = trainer.run_epoch()
-                diverged = trainer.result.stopped_early  # like train(): this epoch is not logged or reported
-                step = progress.seed_index * spec.epochs + metrics.epoch
-                if not diverged:
-                    progress.epochs_run += 1
-                    child.log_epoch(seed, _loggable(metrics), metrics.epoch)
-                result = self._metrics(metrics, seed, step, diverged)
-                if trainer.done:
-                    progress.completed.append(_result_record(trainer.result))
-                    progress.seed_index += 1
-                    progress.trainer = None
-                else:
-                    progress.trainer = trainer.state_dict()
-                if progress.seed_index == n_seeds:
-                    outcome = summarize(spec, [_train_result(r, config) for r in progress.completed],
-                                        progress.epochs_run)
-                    result.update(self._final_metrics(outcome))
-                    child.finish_complete(outcome, spec)
-                    final = result
-                elif diverged:
-                    continue  # the next seed's first epoch reports (and checkpoints) the progress
-                self._report(report, result)
+        final: dict[str, Any] = {}
+        while not runs.done:
+            epoch = runs.epoch
+            value, metrics = runs.run_epoch(child.log_epoch)
+            progress.runs, progress.finished = runs.state_dict(), runs.done
+            result = self._metrics(epoch, value, metrics)
+            if runs.done:
+                outcome = runs.outcome()
+                result.update(self._final_metrics(outcome))
+                child.finish_complete(outcome, self.ctx.spec)
+                final = result
+            self._report(report, result)
         return final
 
-    def _metrics(self, metrics: EpochMetrics, seed: int, step: int, diverged: bool) -> dict[str, Any]:
+    def _metrics(self, epoch: int, value: float, metrics: Sequence[EpochMetrics]) -> dict[str, Any]:
+        """The epoch's result for Tune: the mean over seeds of the objective (what ASHA compares) and of each metric."""
         spec = self.ctx.spec
-        value = float("nan") if diverged else _intermediate(spec, metrics)
         result: dict[str, Any] = {
-            "objective": value, "epoch_value": value, "step": step, "seed": seed, "epoch": metrics.epoch,
+            "objective": value, "epoch_value": value, "step": epoch, "epoch": epoch, "seeds": len(metrics),
             TRIAL_KEY: self.number, "fuse_run_id": self.progress.mlflow_run_id or "", "fuse_node_id": self.node_id,
             "fuse_final": False,
         }
         if spec.objective.cost is not None:
-            result["cost"] = float(metrics.grad_evals if spec.objective.cost == "grad_evals" else metrics.wall_time)
-        for key, number in _loggable(metrics).items():
-            if number is not None:
-                result[f"epoch/{key}"] = number
+            costs = [m.grad_evals if spec.objective.cost == "grad_evals" else m.wall_time for m in metrics]
+            result["cost"] = float(statistics.fmean(costs))
+        per_seed = [_loggable(m) for m in metrics]
+        for key in per_seed[0]:
+            numbers = [row[key] for row in per_seed if row[key] is not None]
+            if numbers:
+                result[f"epoch/{key}"] = float(statistics.fmean(numbers))
         return result
 
     def _final_metrics(self, outcome: Any) -> dict[str, Any]:

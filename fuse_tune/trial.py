@@ -27,8 +27,8 @@ from fuse_tune.train import TRAINER_KEYS, EpochMetrics, TrainConfig, Trainer, Tr
 from fuse_tune.workloads import CrossEntropyWithL2, DatasetNotFound, build_function, get_workload, load_dataset
 from fuse_tune.workloads.models import build_model, model_options
 
-__all__ = ["split_settings", "check_spec", "suggest", "run_trial", "TrialOutcome", "train_config", "seed_config",
-           "summarize", "study_run_info", "trial_tags", "log_outcome"]
+__all__ = ["split_settings", "check_spec", "suggest", "run_trial", "SeedRuns", "TrialOutcome", "train_config",
+           "seed_config", "summarize", "study_run_info", "trial_tags", "log_outcome"]
 
 
 def workload_option_names(workload_name: str) -> set[str]:
@@ -246,32 +246,73 @@ def _intermediate(spec: StudySpec, metrics: EpochMetrics) -> float:
     return float(metrics.train_loss)
 
 
-def run_trial(spec: StudySpec, sampled: Mapping[str, Any], *, report: Callable[[int, float], None] | None = None,
-              run: Any = None, threads: int | None = None, device: str | None = None) -> TrialOutcome:
-    """Train ``spec`` fixed + ``sampled`` settings on every seed; ``report`` may raise to prune.
+class SeedRuns:
+    """One configuration's training runs, one per seed of the study, advanced together an epoch at a time.
 
-    The seeds advance together, one epoch at a time, and ``report(epoch, value)`` gets the mean over
-    seeds of the epoch's objective metric: a pruner then compares every trial at the same epoch on
-    the same seeds, and a trial's best-so-far value is not inflated by an earlier seed's last epoch.
+    :meth:`run_epoch` trains every seed that is not done for one epoch and returns the mean over those
+    seeds of the epoch's objective metric (the value a pruner or scheduler sees at that epoch): every
+    trial is then compared at the same epoch on the same seeds, and a trial's best-so-far value is not
+    inflated by an earlier seed's last epoch. A seed whose loss diverged stops (its epoch is still
+    logged and averaged, as NaN). Both backends train through this class; :meth:`state_dict` is the
+    exact resume point that the Ray backend checkpoints.
     """
-    settings = spec.configuration(sampled)
-    trainers = [Trainer(seed_config(spec, settings, seed, threads=threads, device=device)) for seed in spec.seeds]
-    epochs_run = 0
-    for epoch in range(spec.epochs):
-        values = []
-        for seed, trainer in zip(spec.seeds, trainers, strict=True):
+
+    def __init__(self, spec: StudySpec, settings: Mapping[str, Any], *, threads: int | None = None,
+                 device: str | None = None) -> None:
+        self.spec = spec
+        self.seeds = list(spec.seeds)
+        self.trainers = [Trainer(seed_config(spec, settings, seed, threads=threads, device=device))
+                         for seed in self.seeds]
+        self.epoch = 0  # epochs the group has run (the next report's epoch index)
+        self.epochs_run = 0  # seed-epochs trained, summed over seeds (the pruning statistics' unit)
+
+    @property
+    def done(self) -> bool:
+        return all(trainer.done for trainer in self.trainers)
+
+    def run_epoch(self, log: Callable[[int, Mapping[str, float | None], int], None] | None = None
+                  ) -> tuple[float, list[EpochMetrics]]:
+        """Train each unfinished seed one epoch; ``log(seed, metrics, epoch)`` each. Returns (mean value, metrics)."""
+        values, epoch_metrics = [], []
+        for seed, trainer in zip(self.seeds, self.trainers, strict=True):
             if trainer.done:
                 continue
             metrics = trainer.run_epoch()
-            epochs_run += 1
-            if run is not None:
-                run.log_epoch(seed, _loggable(metrics), metrics.epoch)
-            values.append(_intermediate(spec, metrics))
-        if not values:
-            break
+            self.epochs_run += 1
+            if log is not None:
+                log(seed, _loggable(metrics), metrics.epoch)
+            values.append(_intermediate(self.spec, metrics))
+            epoch_metrics.append(metrics)
+        self.epoch += 1
+        return (statistics.fmean(values) if values else math.nan), epoch_metrics
+
+    def outcome(self) -> TrialOutcome:
+        return summarize(self.spec, [trainer.result for trainer in self.trainers], self.epochs_run)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "epochs_run": self.epochs_run,
+                "trainers": [trainer.state_dict() for trainer in self.trainers]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if len(state["trainers"]) != len(self.trainers):
+            raise ValueError(f"the state holds {len(state['trainers'])} seeds' runs, "
+                             f"the study has {len(self.trainers)}")
+        for trainer, trainer_state in zip(self.trainers, state["trainers"], strict=True):
+            trainer.load_state_dict(trainer_state)
+        self.epoch, self.epochs_run = int(state["epoch"]), int(state["epochs_run"])
+
+
+def run_trial(spec: StudySpec, sampled: Mapping[str, Any], *, report: Callable[[int, float], None] | None = None,
+              run: Any = None, threads: int | None = None, device: str | None = None) -> TrialOutcome:
+    """Train ``spec`` fixed + ``sampled`` settings on every seed (:class:`SeedRuns`); ``report(epoch, mean over
+    seeds)`` after each epoch may raise to prune."""
+    runs = SeedRuns(spec, spec.configuration(sampled), threads=threads, device=device)
+    while not runs.done:
+        epoch = runs.epoch
+        value, _ = runs.run_epoch(run.log_epoch if run is not None else None)
         if report is not None:
-            report(epoch, statistics.fmean(values))
-    return summarize(spec, [trainer.result for trainer in trainers], epochs_run)
+            report(epoch, value)
+    return runs.outcome()
 
 
 def seed_config(spec: StudySpec, settings: Mapping[str, Any], seed: int, *, threads: int | None = None,

@@ -132,8 +132,8 @@ def test_check_resources_refuses_what_no_node_can_run():
 
 
 def test_restored_checkpoints_continue_exactly(tmp_path):
-    """Through the trainable's own checkpoint code: restoring from every checkpoint (L-BFGS phase included, and the
-    seed boundary) reproduces the uninterrupted run's following epochs and its final objective."""
+    """Through the trainable's own checkpoint code: restoring from every checkpoint (L-BFGS phase included)
+    reproduces the uninterrupted run's following epochs and its final objective."""
     from ray import tune
 
     spec = load_spec(write_study(tmp_path, "exact", epochs=4,
@@ -141,7 +141,7 @@ def test_restored_checkpoints_continue_exactly(tmp_path):
                                          "history_size: {type: int, low: 3, high: 10}")))
     ctx = RayContext(spec=spec, tracking_uri=None, parent_run_id=None, experiment_id="test", threads=1, device="cpu")
     config = {"lr": 0.01, "history_size": 5, TRIAL_KEY: 0}
-    keys = ("objective", "step", "seed", "epoch", "epoch/train_loss", "epoch/batch_loss", "epoch/test_loss",
+    keys = ("objective", "step", "seeds", "epoch", "epoch/train_loss", "epoch/batch_loss", "epoch/test_loss",
             "epoch/test_accuracy", "epoch/grad_sq_norm", "epoch/grad_evals", "epoch/samples", "epoch/phase_second",
             "epoch/switch_epoch", "epoch/batch_size")
 
@@ -157,13 +157,16 @@ def test_restored_checkpoints_continue_exactly(tmp_path):
     reference: list[dict] = []
     checkpoints: list[Path] = []
     TrialLoop(ctx, config, trial_id="t0").run(collect(reference, checkpoints))
-    assert len(reference) == 8 and reference[-1]["final"] and [r["step"] for r in reference] == list(range(8))
-    lbfgs_mid_seed = [i for i, r in enumerate(reference) if r["epoch/phase_second"] == 1.0 and r["epoch"] < 3]
-    assert lbfgs_mid_seed, "the study must checkpoint inside the L-BFGS phase"
+    # One report per epoch: the mean over both seeds, which advance together.
+    assert len(reference) == 4 and reference[-1]["final"] and [r["step"] for r in reference] == list(range(4))
+    assert all(r["seeds"] == 2 for r in reference)
+    in_lbfgs = [i for i, r in enumerate(reference) if r["epoch/phase_second"] == 1.0 and not r["final"]]
+    assert in_lbfgs, "the study must checkpoint inside the L-BFGS phase"
     for index, directory in enumerate(checkpoints[:-1]):
         payload = load_checkpoint(tune.Checkpoint.from_directory(str(directory)))
-        if index in lbfgs_mid_seed:
-            assert payload["trainer"] is not None and payload["trainer"]["history"][-1]["phase"] == "lbfgs"
+        assert len(payload["runs"]["trainers"]) == 2 and not payload["finished"]
+        if index in in_lbfgs:
+            assert all(t["history"][-1]["phase"] == "lbfgs" for t in payload["runs"]["trainers"])
         resumed: list[dict] = []
         final = TrialLoop(ctx, config, trial_id="t0", restored=payload).run(collect(resumed))
         assert resumed == reference[index + 1:], f"restored from checkpoint {index}"
@@ -191,7 +194,7 @@ def test_restored_trial_logs_into_its_run_once_and_a_clone_gets_its_own(tmp_path
         checkpoints.append(copy)
 
     TrialLoop(ctx, config, trial_id="a").run(keep)
-    middle = load_checkpoint(checkpoints[1])  # seed 0, after epoch 1
+    middle = load_checkpoint(checkpoints[1])  # both seeds after epoch 1
     client = MlflowClient(tracking_uri=uri)
     client.set_terminated(middle["mlflow_run_id"], status="KILLED")  # as an interrupted driver leaves it
     TrialLoop(ctx, config, trial_id="a", restored=middle).run(lambda m, d: None)
@@ -207,7 +210,8 @@ def test_restored_trial_logs_into_its_run_once_and_a_clone_gets_its_own(tmp_path
         steps = [m.step for m in client.get_metric_history(original.info.run_id, f"train_loss/seed_{seed}")]
         assert steps == [0, 1, 2]
     assert [m.step for m in client.get_metric_history(original.info.run_id, "train_loss")] == [0, 1, 2]
-    assert [m.step for m in client.get_metric_history(clone.info.run_id, "train_loss/seed_0")] == [2]
+    for seed in (0, 1):
+        assert [m.step for m in client.get_metric_history(clone.info.run_id, f"train_loss/seed_{seed}")] == [2]
 
 
 def test_paths_are_made_absolute_on_the_driver(tmp_path, monkeypatch):
@@ -269,14 +273,14 @@ def test_study_with_asha_runs_through_the_cli_and_nests_mlflow_runs(tmp_path, lo
     assert all(c.info.status == "FINISHED" and c.data.tags["fuse.backend"] == "ray" for c in children)
     states = [c.data.tags["fuse.state"] for c in children]
     assert set(states) <= {"complete", "pruned"} and "complete" in states
-    for child in children:  # every epoch of every seed it ran, logged once, step = epoch
-        from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=uri)
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy/seed_0")]
-        assert steps == [0, 1]
-        if child.data.tags["fuse.state"] == "complete":
-            assert [m.step for m in client.get_metric_history(child.info.run_id, "test_accuracy/seed_1")] == [0, 1]
+    client = MlflowClient(tracking_uri=uri)
+    for child in children:  # every epoch it ran, on both seeds (they advance together), logged once, step = epoch
+        steps = [[m.step for m in client.get_metric_history(child.info.run_id, f"test_accuracy/seed_{seed}")]
+                 for seed in (0, 1)]
+        complete = child.data.tags["fuse.state"] == "complete"
+        assert steps == ([[0, 1], [0, 1]] if complete else [[0], [0]]), (child.data.tags["fuse.state"], steps)
 
     # The Optuna backend on the same study logs the same params, metrics and tags (dashboards cannot tell).
     optuna_uri = f"sqlite:///{tmp_path / 'optuna-mlflow.db'}"
