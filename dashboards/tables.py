@@ -29,7 +29,8 @@ from dashboards.data import objective_direction
 
 __all__ = ["THRESHOLDS", "empty", "objective_of", "final_values", "sensitivity_table", "seed_variance_table",
            "learning_curve_table", "theta_schedule_table", "history_batch_table", "switch_ecdf_table",
-           "performance_profile_table", "importance_table", "best_configurations"]
+           "performance_profile_table", "importance_table", "best_configurations", "comparison_table",
+           "comparison_markdown", "COMPARISON_METRICS"]
 
 #: switch criterion -> the parameter that sets its threshold, and whether its axis is logarithmic
 THRESHOLDS: dict[str, tuple[str, bool]] = {"epoch": ("switch.epoch", False), "step": ("switch.step", False),
@@ -385,3 +386,72 @@ def _short(value: Any) -> str:
     if isinstance(value, float):
         return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
     return str(value)
+
+
+#: the comparison table's measured columns: (metric, column name, digits)
+COMPARISON_METRICS = (("test_accuracy", "test accuracy", 4), ("train_loss", "final train loss", 4),
+                      ("grad_evals", "gradient evaluations", 0), ("wall_time", "train wall time (s)", 1))
+
+
+def comparison_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per method (optimizer) of a comparison's reruns: for each of :data:`COMPARISON_METRICS` the mean
+    and the standard deviation (ddof 1) over seeds of the value at the last epoch, the number of seeds, the
+    switch epoch over seeds (mean, min, max; NaN for methods that never switch or did not switch) and the
+    diverged seeds (a non-finite final train loss). A method with several complete runs (a rerun of another
+    configuration) contributes its latest-by-trial run only. Rows are ordered by mean of the objective, best
+    first."""
+    if table.empty:
+        return empty(f"no per-epoch metrics in {_studies(table)}")
+    complete = table[table["state"] == "complete"]
+    if complete.empty:
+        return empty(f"no complete rerun in {_studies(table)}")
+    latest = complete.groupby("optimizer")["trial"].transform("max")
+    complete = complete[complete["trial"] == latest]
+    rows = []
+    for optimizer, part in complete.groupby("optimizer", sort=False):
+        row: dict[str, Any] = {"method": optimizer, "variant": part["variant"].iloc[0]}
+        for metric, _, _ in COMPARISON_METRICS:
+            finals = final_values(part, metric)
+            values = finals["value"].to_numpy(dtype=float) if not finals.empty else np.array([])
+            row[f"{metric}.mean"] = float(np.mean(values)) if values.size else np.nan
+            row[f"{metric}.std"] = float(np.std(values, ddof=1)) if values.size > 1 else np.nan
+            if metric == "train_loss":
+                row["seeds"] = int(values.size)
+                row["diverged"] = int((~np.isfinite(values)).sum())
+        switches = part.drop_duplicates("seed")["switch_epoch"].to_numpy(dtype=float)
+        switched = switches[np.isfinite(switches)]
+        row["switch_epoch.mean"] = float(switched.mean()) if switched.size else np.nan
+        row["switch_epoch.min"] = float(switched.min()) if switched.size else np.nan
+        row["switch_epoch.max"] = float(switched.max()) if switched.size else np.nan
+        row["switched_seeds"] = int(switched.size)
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    metric = objective_of(complete)
+    ascending = objective_direction(metric) != "maximize"
+    out = out.sort_values(f"{metric}.mean", ascending=ascending, na_position="last").reset_index(drop=True)
+    out.attrs["objective"] = metric
+    return out
+
+
+def comparison_markdown(table: pd.DataFrame) -> str:
+    """The comparison table as Markdown: ``mean ± std`` cells, the switch epoch as ``mean (min-max)``."""
+    if table.empty:
+        return f"_{table.attrs.get('reason', 'no data')}_\n"
+    header = ["method", "seeds"] + [name for _, name, _ in COMPARISON_METRICS] + ["switch epoch", "settings"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.to_dict("records"):
+        diverged = f" ({row['diverged']} diverged)" if row["diverged"] else ""
+        cells = [f"`{row['method']}`", f"{row['seeds']}{diverged}"]
+        for metric, _, digits in COMPARISON_METRICS:
+            mean, std = row[f"{metric}.mean"], row[f"{metric}.std"]
+            cells.append("n/a" if not np.isfinite(mean) else
+                         f"{mean:.{digits}f} ± {std:.{digits}f}" if np.isfinite(std) else f"{mean:.{digits}f}")
+        if row["switched_seeds"]:
+            low, high = row["switch_epoch.min"], row["switch_epoch.max"]
+            spread = f" ({low:g}-{high:g})" if low != high else ""
+            cells.append(f"{row['switch_epoch.mean']:g}{spread}")
+        else:
+            cells.append("-")
+        cells.append(str(row["variant"]).replace("|", "/"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

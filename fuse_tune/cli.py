@@ -223,6 +223,34 @@ def _command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_compare(args: argparse.Namespace) -> int:
+    """Tune every method of a comparison file alike, rerun each best on the rerun seeds, print the table."""
+    from dashboards.data import read_experiment, tidy
+    from dashboards.tables import comparison_markdown, comparison_table
+    from fuse_tune.compare import run_comparison
+    from fuse_tune.tracking import default_tracking_uri, redact
+
+    uri = args.mlflow_uri or default_tracking_uri()
+    out = Path(args.out or Path("results") / Path(args.comparison).stem)
+    comparison, plans, _ = run_comparison(args.comparison, out_dir=out, n_jobs=args.n_jobs, storage=args.storage,
+                                          tracking_uri=uri, threads=args.threads, device=args.device,
+                                          data_dir=args.data_dir, progress=not args.quiet)
+    table = comparison_table(tidy(read_experiment(comparison.name, uri)))
+    markdown = comparison_markdown(table)
+    tuned = [f"- `{p.method}`: best of {comparison.tuning['trials']} trials = trial {p.best_trial} "
+             f"({p.tuning_value:.6g} on tuning seeds {comparison.tuning['seeds']}); study file {p.study_path}"
+             if p.tuned else f"- `{p.method}`: fixed settings, not tuned ({p.study_path})" for p in plans]
+    text = (f"# {comparison.name}: {comparison.workload}, {comparison.epochs} epochs\n\n"
+            f"Rerun on seeds {list(comparison.rerun_seeds)}; mean ± std over seeds (ddof 1) of the last epoch.\n\n"
+            f"{markdown}\nTuning:\n" + "\n".join(tuned) + "\n")
+    (out / "results.md").write_text(text)
+    table.to_csv(out / "results.csv", index=False)
+    print(text)
+    print(f"written: {out / 'results.md'}, {out / 'results.csv'}")
+    print(f"plots: fuse-tune report --experiment {comparison.name} --mlflow-uri {redact(uri)}")
+    return 0
+
+
 def _command_list(args: argparse.Namespace) -> int:
     from fuse_tune.optimizers import OPTIMIZERS, accepted_arguments
     from fuse_tune.workloads import WORKLOADS
@@ -285,6 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///$PWD/mlflow.db)")
     report.add_argument("--storage", help="Optuna storage to check the best trial against (default: the one recorded)")
     report.set_defaults(handler=_command_report)
+    compare = sub.add_parser("compare", help="tune every method of a comparison file alike, then rerun each best "
+                                             "configuration on fresh paired seeds")
+    compare.add_argument("comparison", help="a comparison file, e.g. studies/compare/digits_logreg.yaml")
+    compare.add_argument("--n-jobs", type=int, default=1, help="worker processes (default 1)")
+    compare.add_argument("--storage", help="Optuna storage of the tuning studies (default journal ./fuse-studies.log)")
+    compare.add_argument("--mlflow-uri", help="MLflow tracking URI (default sqlite:///$PWD/mlflow.db)")
+    compare.add_argument("--threads", type=int, help="torch threads per worker (default: cores / n-jobs)")
+    compare.add_argument("--device", help="auto (default), cpu or cuda[:i]")
+    compare.add_argument("--data-dir", help="folder with torchvision data sets (overrides the file's data_dir)")
+    compare.add_argument("--out", help="folder for the method study files and the results table "
+                                       "(default ./results/<file name>)")
+    compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    compare.set_defaults(handler=_command_compare)
     listing = sub.add_parser("list", help="workloads, optimizers and studies")
     listing.add_argument("--studies", default="studies", help="folder of study files")
     listing.set_defaults(handler=_command_list)

@@ -147,6 +147,12 @@ def build_optimizer(name: str, params: Iterable[torch.Tensor], config: Mapping[s
     unknown = sorted(set(config) - set(accepted))
     if unknown:
         raise ValueError(f"optimizer {name!r} got unknown argument(s) {unknown}; accepted: {accepted}")
+    defaults = inspect.signature(OPTIMIZERS[name]).parameters
+    for key, value in config.items():
+        default = defaults[key].default
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"optimizer {name!r}: argument {key} expects a number, got {value!r}")
     if "betas" in config:
         config["betas"] = tuple(config["betas"])
     try:

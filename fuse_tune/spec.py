@@ -270,8 +270,11 @@ def _mapping(raw: Any, where: str, accepted: set[str]) -> dict[str, Any]:
     return dict(raw)
 
 
-def parse_spec(raw: Any, *, source: str = "", path: str | None = None) -> StudySpec:
-    """Validate a loaded YAML document into a StudySpec (no workload or optimizer checks yet)."""
+def parse_spec(raw: Any, *, source: str = "", path: str | None = None, require_search: bool = True) -> StudySpec:
+    """Validate a loaded YAML document into a StudySpec (no workload or optimizer checks yet).
+
+    ``require_search=False`` accepts a missing or empty ``search`` (a fixed configuration, as a comparison
+    reruns it); a study file always needs one."""
     if not isinstance(raw, Mapping):
         raise SpecError(f"study file must be a YAML mapping of settings, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(TOP_LEVEL))
@@ -301,7 +304,9 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None) -> StudyS
     fixed = nest(dict(_flatten(_numbers_in(dict(fixed)))))
     search_raw = raw.get("search")
     if search_raw is None or (isinstance(search_raw, Mapping) and not search_raw):
-        raise _fail("search", "the search space is empty: give at least one parameter to search")
+        if require_search:
+            raise _fail("search", "the search space is empty: give at least one parameter to search")
+        search_raw = {}
     if not isinstance(search_raw, Mapping):
         raise _fail("search", f"expected a mapping of parameter -> distribution, got {search_raw!r}")
     search = tuple(_parse_param(str(k), v) for k, v in search_raw.items())

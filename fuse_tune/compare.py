@@ -1,0 +1,363 @@
+"""Fair method comparisons: every method tuned alike, then its best configuration rerun on fresh paired seeds.
+
+    fuse-tune compare studies/compare/digits_logreg.yaml [--n-jobs 2] [--out results/digits_logreg]
+
+A comparison file names one workload and epoch budget, the settings every method shares, one tuning
+recipe (sampler, number of trials, tuning seeds, pruner) and, per method, its own fixed settings and
+search space::
+
+    name: compare_digits_logreg
+    workload: digits-logreg
+    epochs: 10
+    fixed: {batch_size: 64}                      # shared by every method
+    objective: {metric: test_accuracy}
+    tuning: {trials: 12, seeds: [0, 1], sampler: {name: tpe, seed: 0, n_startup_trials: 6}, pruner: {name: none}}
+    rerun: {seeds: [100, 101, ..., 109]}         # disjoint from the tuning seeds
+    methods:
+      adam: {search: {lr: {type: float, low: 1.0e-4, high: 3.0e-2, log: true}}}
+      fuse_pv: {fixed: {line_search: armijo}, search: {lr: ..., switch.epoch: ...}}
+      sgd: {fixed: {lr: 0.01}}                   # no search: the fixed setting is rerun as is
+
+What :func:`run_comparison` does:
+
+1. Each method becomes an ordinary study file, ``<out>/studies/<name>-<method>.yaml`` (written, then
+   loaded and dry-run-checked like any study, so a bad setting fails before anything trains, naming
+   ``methods.<method>.<field>``). A method with a search space is tuned by the Optuna backend
+   (:func:`fuse_tune.optuna_backend.run_study`): same sampler and seed, same number of finished trials,
+   same epochs, same tuning seeds for every method. Its MLflow experiment is ``<name>-<method>``. An
+   interrupted comparison resumes: finished trials are kept, the budget is completed.
+2. The best tuning trial's configuration (or the fixed settings of a method without a search) is
+   trained on every rerun seed (the seeds advance together, :class:`fuse_tune.trial.SeedRuns`) and
+   logged as one child run of the MLflow experiment ``<name>``, under a parent run for the comparison.
+   A method whose rerun of that same configuration is already complete there is not trained again.
+3. The results table (:func:`dashboards.tables.comparison_table`, read back from MLflow): per method,
+   mean and std over the rerun seeds of the final test accuracy and training loss, gradient
+   evaluations, training wall time and the switch epoch, with the tuned settings.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import multiprocessing
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fuse_tune.optimizers import OPTIMIZERS
+from fuse_tune.spec import SpecError, StudySpec, _flatten, _is_int, load_spec, nest, parse_spec
+from fuse_tune.tracking import MlflowTracker, flatten_params, redact
+
+__all__ = ["Comparison", "MethodPlan", "load_comparison", "method_study", "run_comparison", "ROLE_TAG"]
+
+TOP_LEVEL = ("name", "description", "workload", "epochs", "data_dir", "fixed", "objective", "tuning", "rerun",
+             "methods")
+TUNING_KEYS = ("trials", "seeds", "sampler", "pruner")
+METHOD_KEYS = ("fixed", "search")
+ROLE_TAG = "fuse.comparison"  # tag on the rerun runs: the comparison's name
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A validated comparison file."""
+
+    name: str
+    workload: str
+    epochs: int
+    fixed: dict[str, Any]
+    objective: dict[str, Any]
+    tuning: dict[str, Any]
+    rerun_seeds: tuple[int, ...]
+    methods: dict[str, dict[str, Any]]
+    description: str = ""
+    data_dir: str | None = None
+    path: str | None = None
+
+
+@dataclass
+class MethodPlan:
+    """One method of a comparison: its study file, and after tuning the configuration that is rerun."""
+
+    method: str
+    study_path: Path
+    spec: StudySpec
+    settings: dict[str, Any] = field(default_factory=dict)
+    best_trial: int | None = None
+    tuning_value: float | None = None
+
+    @property
+    def tuned(self) -> bool:
+        return bool(self.spec.search)
+
+
+def _fail(where: str, message: str) -> SpecError:
+    return SpecError(f"{where}: {message}")
+
+
+def _seeds(raw: Any, where: str) -> tuple[int, ...]:
+    if _is_int(raw):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw or not all(_is_int(s) and s >= 0 for s in raw) or len(set(raw)) < len(raw):
+        raise _fail(where, f"expected a non-empty list of distinct integers >= 0, got {raw!r}")
+    return tuple(raw)
+
+
+def _mapping(raw: Any, where: str, accepted: Sequence[str] | None = None) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise _fail(where, f"expected a mapping, got {raw!r}")
+    if accepted is not None:
+        unknown = sorted(set(raw) - set(accepted))
+        if unknown:
+            raise _fail(f"{where}.{unknown[0]}" if where else unknown[0], f"unknown field; accepted: {list(accepted)}")
+    return dict(raw)
+
+
+def parse_comparison(raw: Any, *, path: str | None = None) -> Comparison:
+    """Validate a loaded comparison document (the per-method studies are checked by :func:`load_comparison`)."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"comparison file must be a YAML mapping of settings, got {type(raw).__name__}")
+    raw = _mapping(raw, "", TOP_LEVEL)
+    for key in ("name", "workload"):
+        if not isinstance(raw.get(key), str) or not raw[key].strip():
+            raise _fail(key, f"missing or empty (required text), got {raw.get(key)!r}")
+    if any(c in raw["name"] for c in "/\\\n"):
+        raise _fail("name", f"must not contain '/', '\\' or newlines, got {raw['name']!r}")
+    epochs = raw.get("epochs", 10)
+    if not _is_int(epochs) or epochs < 1:
+        raise _fail("epochs", f"expected an integer >= 1, got {epochs!r}")
+    tuning = _mapping(raw.get("tuning"), "tuning", TUNING_KEYS)
+    trials = tuning.get("trials", 12)
+    if not _is_int(trials) or trials < 1:
+        raise _fail("tuning.trials", f"expected an integer >= 1, got {trials!r}")
+    tuning_seeds = _seeds(tuning.get("seeds", [0, 1]), "tuning.seeds")
+    rerun = _mapping(raw.get("rerun"), "rerun", ("seeds",))
+    rerun_seeds = _seeds(rerun.get("seeds", list(range(100, 110))), "rerun.seeds")
+    overlap = sorted(set(tuning_seeds) & set(rerun_seeds))
+    if overlap:
+        raise _fail("rerun.seeds", f"must be disjoint from tuning.seeds (a rerun on a tuning seed favours the method "
+                                   f"tuned on it); both have {overlap}")
+    methods_raw = raw.get("methods")
+    if not isinstance(methods_raw, Mapping) or not methods_raw:
+        raise _fail("methods", f"expected a mapping of optimizer name -> {{fixed, search}}, got {methods_raw!r}")
+    methods: dict[str, dict[str, Any]] = {}
+    for method, entry in methods_raw.items():
+        if method not in OPTIMIZERS:
+            raise _fail(f"methods.{method}", f"unknown optimizer; accepted: {sorted(OPTIMIZERS)}")
+        entry = _mapping(entry, f"methods.{method}", METHOD_KEYS)
+        methods[method] = {"fixed": _mapping(entry.get("fixed"), f"methods.{method}.fixed"),
+                           "search": _mapping(entry.get("search"), f"methods.{method}.search")}
+    fixed = _mapping(raw.get("fixed"), "fixed")
+    data_dir = raw.get("data_dir")
+    if data_dir is not None and not isinstance(data_dir, str):
+        raise _fail("data_dir", f"expected a folder path, got {data_dir!r}")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise _fail("description", f"expected text, got {description!r}")
+    sampler = _mapping(tuning.get("sampler"), "tuning.sampler") or {"name": "tpe", "seed": 0}
+    return Comparison(name=raw["name"], workload=raw["workload"], epochs=epochs, fixed=fixed,
+                      objective=_mapping(raw.get("objective"), "objective") or {"metric": "test_accuracy"},
+                      tuning={"trials": trials, "seeds": list(tuning_seeds),
+                              "sampler": sampler,
+                              "pruner": _mapping(tuning.get("pruner"), "tuning.pruner") or {"name": "none"}},
+                      rerun_seeds=rerun_seeds, methods=methods, description=description, data_dir=data_dir,
+                      path=path)
+
+
+def method_study(comparison: Comparison, method: str) -> dict[str, Any]:
+    """The study file (as a dict) that tunes ``method``: the comparison's shared settings, the method's own."""
+    entry = comparison.methods[method]
+    fixed = nest({**dict(_flatten(comparison.fixed)), **dict(_flatten(entry["fixed"]))})
+    study: dict[str, Any] = {
+        "name": f"{comparison.name}-{method}",
+        "description": f"{method} on {comparison.workload}: tuning for the comparison {comparison.name}",
+        "workload": comparison.workload, "optimizer": method, "epochs": comparison.epochs,
+        "seeds": list(comparison.tuning["seeds"]), "fixed": fixed, "objective": dict(comparison.objective),
+        "budget": {"trials": comparison.tuning["trials"]}, "sampler": dict(comparison.tuning["sampler"]),
+        "pruner": dict(comparison.tuning["pruner"]),
+    }
+    if comparison.data_dir is not None:
+        study["data_dir"] = comparison.data_dir  # a relative folder is read from where fuse-tune runs
+    if entry["search"]:
+        study["search"] = entry["search"]
+    return study
+
+
+def _write_study(comparison: Comparison, method: str, directory: Path) -> Path:
+    path = directory / f"{comparison.name}-{method}.yaml"
+    study = method_study(comparison, method)
+    header = (f"# Written by `fuse-tune compare {comparison.path or comparison.name}`: the study that tunes {method}\n"
+              f"# for that comparison. Edit the comparison file, not this one (it is written again each run).\n")
+    if not comparison.methods[method]["search"]:
+        header += "# No search space: the comparison reruns these fixed settings as they are (no tuning).\n"
+    text = header + yaml.safe_dump(study, sort_keys=False, default_flow_style=None, width=110)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
+def load_comparison(path: str | Path, out_dir: str | Path, *, data_dir: str | None = None
+                    ) -> tuple[Comparison, list[MethodPlan]]:
+    """Read and validate a comparison file, write each method's study file under ``<out_dir>/studies`` and
+    dry-run-check it; errors are one-line :class:`SpecError` naming ``methods.<method>.<field>``. ``data_dir``
+    (made absolute) replaces the file's ``data_dir``."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read the comparison file ({type(exc).__name__})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    try:
+        comparison = parse_comparison(raw, path=str(path.resolve()))
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+    if data_dir is not None:
+        comparison = dataclasses.replace(comparison, data_dir=str(Path(data_dir).resolve()))
+    studies = Path(out_dir) / "studies"
+    studies.mkdir(parents=True, exist_ok=True)
+    plans = []
+    for method in comparison.methods:
+        study_path = _write_study(comparison, method, studies)
+        try:
+            if comparison.methods[method]["search"]:
+                spec = load_spec(study_path)
+            else:
+                from fuse_tune.trial import check_spec
+
+                spec = parse_spec(method_study(comparison, method), path=str(study_path), require_search=False)
+                check_spec(spec)
+        except SpecError as exc:
+            message = str(exc).removeprefix(f"{study_path}: ")
+            where = message.split(":", 1)[0]
+            if where.startswith(("fixed", "search")):  # a method's own field, else one the methods share
+                message = f"methods.{method}.{message}"
+            raise SpecError(f"{path}: {message} (method {method})") from None
+        plans.append(MethodPlan(method, study_path, spec))
+    return comparison, plans
+
+
+# ------------------------------------------------------------------ running
+
+
+def _tune(plan: MethodPlan, *, n_jobs: int, storage: str | None, tracking_uri: str, threads: int | None,
+          device: str | None, progress: bool) -> None:
+    """Tune one method to the comparison's trial budget; keep its best trial's configuration."""
+    from fuse_tune.optuna_backend import run_study
+
+    spec = plan.spec
+    summary = run_study(spec, n_jobs=n_jobs, storage=storage, tracking_uri=tracking_uri, threads=threads,
+                        device=device, progress=progress)
+    best = summary.best_rows(limit=1)
+    if not best:
+        raise RuntimeError(f"methods.{plan.method}: no tuning trial finished (all pruned or failed); "
+                           f"see the MLflow experiment {spec.name}")
+    plan.best_trial, plan.tuning_value = best[0]["trial"], float(best[0]["value"])
+    plan.settings = spec.configuration(best[0]["params"])
+
+
+def rerun_spec(comparison: Comparison, plan: MethodPlan) -> StudySpec:
+    """The tuned study with the chosen configuration fixed, on the rerun seeds."""
+    spec = plan.spec
+    settings = plan.settings if plan.tuned else spec.configuration({})
+    return dataclasses.replace(spec, name=comparison.name, seeds=comparison.rerun_seeds, fixed=settings, search=())
+
+
+def _find_rerun(tracker: MlflowTracker, comparison: Comparison, method: str, params: Mapping[str, str]) -> str | None:
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id],
+        filter_string=f"tags.`{ROLE_TAG}` = '{comparison.name}' and tags.`fuse.optimizer` = '{method}' and "
+                      f"tags.`fuse.state` = 'complete'")
+    wanted = {k: redact(v) for k, v in params.items()}
+    seeds = ",".join(map(str, comparison.rerun_seeds))
+    for run in runs:
+        if run.data.params == wanted and run.data.tags.get("fuse.seeds") == seeds:
+            return run.info.run_id
+    return None
+
+
+def _rerun(comparison: Comparison, plan: MethodPlan, index: int, parent_run_id: str, tracking_uri: str,
+           threads: int | None, device: str | None) -> str:
+    """Train one method's configuration on every rerun seed, logged as a child run; returns its run id."""
+    import torch
+
+    from fuse_tune.trial import log_outcome, run_trial, trial_tags
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    spec = rerun_spec(comparison, plan)
+    tracker = MlflowTracker(tracking_uri, experiment=comparison.name)
+    found = _find_rerun(tracker, comparison, plan.method, flatten_params(spec.fixed))
+    if found is not None:
+        return found
+    tags = {**trial_tags(spec, spec.fixed, index, "compare"), ROLE_TAG: comparison.name,
+            "fuse.tuning_study": f"{comparison.name}-{plan.method}" if plan.tuned else "none (fixed settings)"}
+    if plan.best_trial is not None:
+        tags.update({"fuse.tuning_best_trial": plan.best_trial, "fuse.tuning_value": plan.tuning_value})
+    run = tracker.start_trial(parent_run_id, f"{comparison.name}-{plan.method}", spec.fixed, tags)
+    try:
+        outcome = run_trial(spec, {}, run=run, threads=threads, device=device)
+    except BaseException as exc:
+        run.set_tags({"fuse.state": "failed", "fuse.error": f"{type(exc).__name__}: {exc}"})
+        run.finish("FAILED" if isinstance(exc, Exception) else "KILLED")
+        raise
+    log_outcome(run, outcome, spec)
+    run.finish("FINISHED")
+    return run.run_id
+
+
+def run_comparison(path: str | Path, *, out_dir: str | Path, n_jobs: int = 1, storage: str | None = None,
+                   tracking_uri: str, threads: int | None = None, device: str | None = None,
+                   data_dir: str | None = None, progress: bool = True) -> tuple[Comparison, list[MethodPlan], str]:
+    """Tune every method, rerun each best configuration on the rerun seeds; returns the plans and the parent run."""
+    if n_jobs < 1:
+        raise ValueError(f"--n-jobs must be >= 1, got {n_jobs}")
+    if not tracking_uri:
+        raise ValueError("--mlflow-uri: a comparison logs its reruns to MLflow and reads its table from there; "
+                         "give a tracking URI (default sqlite:///$PWD/mlflow.db)")
+    comparison, plans = load_comparison(path, out_dir, data_dir=data_dir)
+    for plan in plans:
+        if plan.tuned:
+            _tune(plan, n_jobs=n_jobs, storage=storage, tracking_uri=tracking_uri, threads=threads, device=device,
+                  progress=progress)
+    tracker = MlflowTracker(tracking_uri, experiment=comparison.name)
+    params = {"workload": comparison.workload, "epochs": comparison.epochs,
+              "seeds": ",".join(map(str, comparison.rerun_seeds)),
+              "objective": comparison.objective.get("metric", "test_accuracy"),
+              "methods": ",".join(comparison.methods), "trials": comparison.tuning["trials"],
+              "tuning_seeds": ",".join(map(str, comparison.tuning["seeds"])),
+              "sampler": comparison.tuning["sampler"].get("name", "tpe"), "fixed": comparison.fixed}
+    tags = {"fuse.workload": comparison.workload, "fuse.backend": "compare", ROLE_TAG: comparison.name}
+    parent = tracker.start_study(comparison.name, tags=tags, params=params, artifact=comparison.path)
+    status = "KILLED"
+    try:
+        rerun_threads = threads if threads is not None else max(1, (os.cpu_count() or 1) // n_jobs)
+        jobs = [(comparison, plan, index, parent, tracking_uri, rerun_threads, device)
+                for index, plan in enumerate(plans)]
+        if n_jobs == 1:
+            for job in jobs:
+                _rerun(*job)
+        else:  # one method per worker process, like the Optuna backend's workers
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(max_workers=min(n_jobs, len(jobs)),
+                                                        mp_context=context) as pool:
+                for future in [pool.submit(_rerun, *job) for job in jobs]:
+                    future.result()
+        status = "FINISHED"
+    finally:
+        tracker.finish_study(parent, status)
+    return comparison, plans, parent
+
+
+def format_value(mean: float, std: float, digits: int = 4) -> str:
+    if not math.isfinite(mean):
+        return "diverged" if math.isnan(mean) else str(mean)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
