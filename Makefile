@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench results install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+# Every comparison behind RESULTS.md, then its plots (about 45 minutes on 2 cores; re-running resumes):
+#   make results DATA=/folder/holding/USPS/and/MNIST/raw
+COMPARISONS ?= digits_logreg digits_mlp digits_cnn mnist_logreg usps_cnn usps_cnn_paper mnist_logreg_paper
+results: $(STAMP)
+	DATA=$(DATA) COMPARISONS="$(COMPARISONS)" scripts/run-results.sh
+	for name in $(COMPARISONS); do \
+	  $(VENV)/bin/fuse-tune report --experiment compare_$$name --out results/$$name/report || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache
