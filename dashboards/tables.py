@@ -30,7 +30,7 @@ from dashboards.data import objective_direction
 __all__ = ["THRESHOLDS", "empty", "objective_of", "final_values", "sensitivity_table", "seed_variance_table",
            "learning_curve_table", "theta_schedule_table", "history_batch_table", "switch_ecdf_table",
            "performance_profile_table", "importance_table", "best_configurations", "comparison_table",
-           "comparison_markdown", "COMPARISON_METRICS"]
+           "comparison_markdown", "COMPARISON_METRICS", "paired_differences", "paired_markdown"]
 
 #: switch criterion -> the parameter that sets its threshold, and whether its axis is logarithmic
 THRESHOLDS: dict[str, tuple[str, bool]] = {"epoch": ("switch.epoch", False), "step": ("switch.step", False),
@@ -454,4 +454,50 @@ def comparison_markdown(table: pd.DataFrame) -> str:
             cells.append("-")
         cells.append(str(row["variant"]).replace("|", "/"))
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_differences(table: pd.DataFrame, reference: str = "fuse_pv", metric: str | None = None) -> pd.DataFrame:
+    """Per method, the seed-by-seed difference ``reference - method`` of the final ``metric`` (default: the
+    objective) over the seeds both ran (paired seeds: the same data order and initialisation): mean, std (ddof 1),
+    the paired t statistic ``mean / (std / sqrt(n))``, and how many seeds the reference was ahead, level or behind
+    (ahead = better in the metric's direction). Empty, with the reason, when ``reference`` has no complete run."""
+    if table.empty:
+        return empty(f"no per-epoch metrics in {_studies(table)}")
+    metric = metric or objective_of(table)
+    complete = table[table["state"] == "complete"]
+    latest = complete.groupby("optimizer")["trial"].transform("max")
+    finals = final_values(complete[complete["trial"] == latest], metric)
+    if finals.empty or reference not in set(finals["optimizer"]):
+        return empty(f"{reference} has no complete run in {_studies(table)}")
+    wide = finals.pivot_table(index="seed", columns="optimizer", values="value")
+    sign = 1.0 if objective_direction(metric) == "maximize" else -1.0
+    rows = []
+    for method in wide.columns:
+        if method == reference:
+            continue
+        both = wide[[reference, method]].dropna()
+        diff = (both[reference] - both[method]).to_numpy(dtype=float)
+        n = diff.size
+        std = float(np.std(diff, ddof=1)) if n > 1 else np.nan
+        mean = float(diff.mean()) if n else np.nan
+        t = mean / (std / np.sqrt(n)) if n > 1 and std > 0 else np.nan
+        ahead = int((sign * diff > 0).sum())
+        level = int((diff == 0).sum())
+        rows.append({"reference": reference, "method": method, "metric": metric, "seeds": n, "mean": mean,
+                     "std": std, "t": t, "ahead": ahead, "level": level, "behind": n - ahead - level})
+    return pd.DataFrame(rows)
+
+
+def paired_markdown(table: pd.DataFrame) -> str:
+    """:func:`paired_differences` as Markdown."""
+    if table.empty:
+        return f"_{table.attrs.get('reason', 'no data')}_\n"
+    first = table.iloc[0]
+    lines = [f"| {first['reference']} minus | seeds | mean difference in {first['metric']} | std | paired t | "
+             f"{first['reference']} ahead / level / behind |", "|---|---|---|---|---|---|"]
+    for row in table.to_dict("records"):
+        t = f"{row['t']:.2f}" if np.isfinite(row["t"]) else "n/a"
+        lines.append(f"| `{row['method']}` | {row['seeds']} | {row['mean']:+.4f} | {row['std']:.4f} | {t} | "
+                     f"{row['ahead']} / {row['level']} / {row['behind']} |")
     return "\n".join(lines) + "\n"

@@ -226,7 +226,7 @@ def _command_report(args: argparse.Namespace) -> int:
 def _command_compare(args: argparse.Namespace) -> int:
     """Tune every method of a comparison file alike, rerun each best on the rerun seeds, print the table."""
     from dashboards.data import read_experiment, tidy
-    from dashboards.tables import comparison_markdown, comparison_table
+    from dashboards.tables import comparison_markdown, comparison_table, paired_differences, paired_markdown
     from fuse_tune.compare import run_comparison
     from fuse_tune.tracking import default_tracking_uri, redact
 
@@ -235,14 +235,20 @@ def _command_compare(args: argparse.Namespace) -> int:
     comparison, plans, _ = run_comparison(args.comparison, out_dir=out, n_jobs=args.n_jobs, storage=args.storage,
                                           tracking_uri=uri, threads=args.threads, device=args.device,
                                           data_dir=args.data_dir, progress=not args.quiet)
-    table = comparison_table(tidy(read_experiment(comparison.name, uri)))
+    frame = tidy(read_experiment(comparison.name, uri))
+    table = comparison_table(frame)
     markdown = comparison_markdown(table)
+    paired = ""
+    if "fuse_pv" in comparison.methods and len(comparison.methods) > 1:
+        paired = ("\nPaired by seed, FUSE-PV against each method (final test accuracy; t over "
+                  f"{len(comparison.rerun_seeds)} seeds, |t| > 2.26 is p < 0.05 two-sided at 9 degrees of freedom):\n\n"
+                  + paired_markdown(paired_differences(frame, "fuse_pv", "test_accuracy")))
     tuned = [f"- `{p.method}`: best of {comparison.tuning['trials']} trials = trial {p.best_trial} "
              f"({p.tuning_value:.6g} on tuning seeds {comparison.tuning['seeds']}); study file {p.study_path}"
              if p.tuned else f"- `{p.method}`: fixed settings, not tuned ({p.study_path})" for p in plans]
     text = (f"# {comparison.name}: {comparison.workload}, {comparison.epochs} epochs\n\n"
             f"Rerun on seeds {list(comparison.rerun_seeds)}; mean ± std over seeds (ddof 1) of the last epoch.\n\n"
-            f"{markdown}\nTuning:\n" + "\n".join(tuned) + "\n")
+            f"{markdown}{paired}\nTuning:\n" + "\n".join(tuned) + "\n")
     (out / "results.md").write_text(text)
     table.to_csv(out / "results.csv", index=False)
     print(text)

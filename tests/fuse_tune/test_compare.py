@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from dashboards.data import read_experiment, tidy
-from dashboards.tables import comparison_markdown, comparison_table
+from dashboards.tables import comparison_markdown, comparison_table, paired_differences, paired_markdown
 from fuse_tune.compare import load_comparison, method_study
 from fuse_tune.spec import SpecError
 from fuse_tune.train import TrainConfig, train
@@ -101,6 +101,16 @@ def test_comparison_table_means_stds_and_order():
     assert table.set_index("method").loc["fuse_pv", "switch_epoch.mean"] == 1.0
     text = comparison_markdown(table)
     assert "| `fuse_pv` | 3 | 0.9300 ± 0.0200 |" in text and "| `adam` | 3 | 0.8000 ± 0.1000 |" in text
+
+    paired = paired_differences(pd.DataFrame(rows), "fuse_pv", "test_accuracy").set_index("method")
+    diffs = np.array([0.95, 0.93, 0.91]) - np.array([0.9, 0.8, 0.7])  # seed by seed
+    assert paired.loc["adam", "mean"] == pytest.approx(diffs.mean())
+    assert paired.loc["adam", "std"] == pytest.approx(np.std(diffs, ddof=1))
+    assert paired.loc["adam", "t"] == pytest.approx(diffs.mean() / (np.std(diffs, ddof=1) / np.sqrt(3)))
+    assert (paired.loc["adam", "ahead"], paired.loc["adam", "behind"]) == (3, 0)
+    assert "| `adam` | 3 | +0.1300 |" in paired_markdown(paired.reset_index())
+    loss = paired_differences(pd.DataFrame(rows), "fuse_pv", "train_loss").set_index("method")
+    assert loss.loc["adam", "ahead"] == 3  # lower loss is ahead for a minimized metric
 
 
 def test_compare_tunes_reruns_on_paired_seeds_and_resumes(tmp_path):
