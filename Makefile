@@ -35,7 +35,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
-# Every comparison behind RESULTS.md, then its plots (about 45 minutes on 2 cores; re-running resumes):
+# Every comparison behind RESULTS.md, then its plots (about 55 minutes on 2 cores; re-running resumes):
 #   make results DATA=/folder/holding/USPS/and/MNIST/raw
 COMPARISONS ?= digits_logreg digits_mlp digits_cnn mnist_logreg usps_cnn usps_cnn_paper mnist_logreg_paper
 results: $(STAMP)
