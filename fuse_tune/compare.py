@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import math
 import multiprocessing
 import os
 from collections.abc import Mapping, Sequence
@@ -50,7 +49,7 @@ from typing import Any
 import yaml
 
 from fuse_tune.optimizers import OPTIMIZERS
-from fuse_tune.spec import SpecError, StudySpec, _flatten, _is_int, load_spec, nest, parse_spec
+from fuse_tune.spec import SpecError, StudySpec, _fail, _flatten, _is_int, load_spec, nest, parse_spec
 from fuse_tune.tracking import MlflowTracker, flatten_params, redact
 
 __all__ = ["Comparison", "MethodPlan", "load_comparison", "method_study", "run_comparison", "ROLE_TAG"]
@@ -93,10 +92,6 @@ class MethodPlan:
     @property
     def tuned(self) -> bool:
         return bool(self.spec.search)
-
-
-def _fail(where: str, message: str) -> SpecError:
-    return SpecError(f"{where}: {message}")
 
 
 def _seeds(raw: Any, where: str) -> tuple[int, ...]:
@@ -357,7 +352,3 @@ def run_comparison(path: str | Path, *, out_dir: str | Path, n_jobs: int = 1, st
     return comparison, plans, parent
 
 
-def format_value(mean: float, std: float, digits: int = 4) -> str:
-    if not math.isfinite(mean):
-        return "diverged" if math.isnan(mean) else str(mean)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
