@@ -239,10 +239,14 @@ def _command_compare(args: argparse.Namespace) -> int:
     table = comparison_table(frame)
     markdown = comparison_markdown(table)
     paired = ""
-    if "fuse_pv" in comparison.methods and len(comparison.methods) > 1:
+    seeds = len(comparison.rerun_seeds)
+    if "fuse_pv" in comparison.methods and len(comparison.methods) > 1 and seeds > 1:
+        from scipy.stats import t as student_t  # scipy comes with scikit-learn
+
+        critical = float(student_t.ppf(0.975, seeds - 1))
         paired = ("\nPaired by seed, FUSE-PV against each method (final test accuracy; t over "
-                  f"{len(comparison.rerun_seeds)} seeds, |t| > 2.26 is p < 0.05 two-sided at 9 degrees of freedom):\n\n"
-                  + paired_markdown(paired_differences(frame, "fuse_pv", "test_accuracy")))
+                  f"{seeds} seeds, |t| > {critical:.2f} is p < 0.05 two-sided at {seeds - 1} degrees of freedom):"
+                  "\n\n" + paired_markdown(paired_differences(frame, "fuse_pv", "test_accuracy")))
     tuned = [f"- `{p.method}`: best of {comparison.tuning['trials']} trials = trial {p.best_trial} "
              f"({p.tuning_value:.6g} on tuning seeds {comparison.tuning['seeds']}); study file {p.study_path}"
              if p.tuned else f"- `{p.method}`: fixed settings, not tuned ({p.study_path})" for p in plans]

@@ -49,7 +49,7 @@ from typing import Any
 import yaml
 
 from fuse_tune.optimizers import OPTIMIZERS
-from fuse_tune.spec import SpecError, StudySpec, _fail, _flatten, _is_int, load_spec, nest, parse_spec
+from fuse_tune.spec import SpecError, StudySpec, _fail, _flatten, _is_int, load_spec, nest, parse_spec, read_yaml
 from fuse_tune.tracking import MlflowTracker, flatten_params, redact
 
 __all__ = ["Comparison", "MethodPlan", "load_comparison", "method_study", "run_comparison", "ROLE_TAG"]
@@ -203,14 +203,7 @@ def load_comparison(path: str | Path, out_dir: str | Path, *, data_dir: str | No
     dry-run-check it; errors are one-line :class:`SpecError` naming ``methods.<method>.<field>``. ``data_dir``
     (made absolute) replaces the file's ``data_dir``."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except (FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: cannot read the comparison file ({type(exc).__name__})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
+    _, raw = read_yaml(path, "comparison")
     try:
         comparison = parse_comparison(raw, path=str(path.resolve()))
     except SpecError as exc:

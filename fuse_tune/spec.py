@@ -407,21 +407,26 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None, require_s
     )
 
 
-def load_spec(path: str | Path, *, check: bool = True) -> StudySpec:
-    """Read, parse and (``check=True``) dry-run-validate a study file; errors are one-line SpecErrors."""
-    path = Path(path)
+def read_yaml(path: Path, kind: str = "study") -> tuple[str, Any]:
+    """The text and the parsed YAML document of a ``kind`` file (study, comparison); one-line SpecErrors."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise SpecError(f"{path}: no such study file") from None
+        raise SpecError(f"{path}: no such {kind} file") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise SpecError(f"{path}: cannot read the study file ({type(exc).__name__})") from None
+        raise SpecError(f"{path}: cannot read the {kind} file ({type(exc).__name__})") from None
     try:
-        raw = yaml.safe_load(text)
+        return text, yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise SpecError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+
+
+def load_spec(path: str | Path, *, check: bool = True) -> StudySpec:
+    """Read, parse and (``check=True``) dry-run-validate a study file; errors are one-line SpecErrors."""
+    path = Path(path)
+    text, raw = read_yaml(path, "study")
     try:
         spec = parse_spec(raw, source=text, path=str(path.resolve()))
         if check:

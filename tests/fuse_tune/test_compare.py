@@ -121,6 +121,7 @@ def test_compare_tunes_reruns_on_paired_seeds_and_resumes(tmp_path):
     done = fuse_tune(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| `sgd` | 2 |" in done.stdout and "| `fuse_pv` | 2 |" in done.stdout
+    assert "|t| > 12.71 is p < 0.05 two-sided at 1 degrees of freedom" in done.stdout  # 2 rerun seeds
     assert (tmp_path / "out" / "results.md").exists() and (tmp_path / "out" / "results.csv").exists()
 
     runs = read_experiment("tiny_cmp", uri)
