@@ -15,15 +15,32 @@ line-search trial), always on the same minibatch, so the curvature pair of a ste
 Epoch-granular switch criteria are driven by one call the training loop makes at the end of each
 epoch: :meth:`FusePV.end_epoch`.
 
-Notes on scope:
+What the torch.optim contract means here (the README lists the same):
 
-* The Adam phase is torch's own Adam (``torch.optim.adam.adam``, foreach/fused kernels) and
-  matches ``torch.optim.Adam`` step for step; ``eps_inside_sqrt=True`` gives the paper's Eq. 2c
-  (``sqrt(v + a)``) instead. It takes no host synchronisation per step.
-* ``weight_decay`` applies to the Adam phase only; the L-BFGS phase minimises what the closure
-  returns (put an L2 term in the loss to keep the objective the same across the switch).
+* The Adam phase is torch's own Adam (``torch.optim.adam.adam``) and matches ``torch.optim.Adam``
+  step for step. By default it runs the fastest kernel torch has for the parameters (the fused one
+  on CPU and CUDA); ``foreach=False`` is bit-identical to ``torch.optim.Adam``'s CPU default, and the
+  same ``foreach``/``fused`` flags give the same kernel as ``torch.optim.Adam``. ``eps_inside_sqrt=True``
+  gives the paper's Eq. 2c (``sqrt(v + a)``). The Adam phase takes no host synchronisation per step.
+* ``lr`` in the L-BFGS phase: a group moves by ``t (lr_g / lr) d_g``, ``lr`` being the constructor's;
+  so per-group learning rates and LR schedulers scale the L-BFGS step as they scale the Adam step
+  (``torch.optim.LBFGS`` scales its step by ``lr`` too), and a group at ``lr_g = 0`` stays put.
+* Frozen parameters (``requires_grad=False``, or no gradient at ``x_k``) do not move in the L-BFGS
+  phase and take no part in its curvature pairs.
+* ``weight_decay`` (Adam's coupled L2 term) stays in the objective after the switch: the L-BFGS phase
+  minimises ``loss + sum_g weight_decay_g / 2 ||x_g||^2``; ``step()`` returns the closure's loss.
+* Refused, with a one-line ``ValueError``: ``maximize``, ``capturable``, ``differentiable`` and
+  ``decoupled_weight_decay`` set to True (in the constructor or a parameter group), a tensor ``lr``,
+  and, for an optimizer that can reach the L-BFGS phase, complex parameters or parameters of mixed
+  dtypes or devices (the phase treats all parameters as one real vector). Sparse gradients raise at
+  ``step()``, as in ``torch.optim.Adam``.
 * The L-BFGS phase treats the parameters of all groups as one vector; its settings
-  (``history_size``, ``line_search``, ...) must therefore be equal across groups.
+  (``history_size``, ``line_search``, ...) must therefore be equal across groups. Adding a group
+  (progressive unfreezing) drops the curvature memory, which is rebuilt for the longer vector.
+* ``state_dict()`` carries the optimizer-wide state (phase, counters, L-BFGS memory, criterion) in
+  the first parameter's state under ``"fuse"``, so that ``torch.save``, ``copy.deepcopy``, ``pickle``
+  and ``torch.distributed.checkpoint`` keep it. A ``torch.optim.Adam`` state dict loads too: the Adam
+  phase continues from it.
 """
 
 from __future__ import annotations
@@ -40,9 +57,10 @@ from torch.optim.adam import adam as adam_kernel
 from .lbfgs import LBFGSMemory
 from .line_search import LineSearchResult, make_line_search
 from .schedules import ThetaSchedule, make_schedule
-from .switch import SwitchCriterion, make_criterion
+from .switch import Never, SwitchCriterion, make_criterion
 
-__all__ = ["FusePV", "Fuse", "StepInfo", "ADAM", "LBFGS", "RECOVERY_NON_FINITE", "RECOVERY_NOT_DESCENT"]
+__all__ = ["FusePV", "Fuse", "StepInfo", "ADAM", "LBFGS", "RECOVERY_NON_FINITE", "RECOVERY_NOT_DESCENT", "CONVERGED",
+           "NOTHING_TO_MOVE"]
 
 ADAM = "adam"
 LBFGS = "lbfgs"
@@ -63,7 +81,23 @@ _LBFGS_KEYS = (
     "history_size", "line_search", "lbfgs_lr", "c1", "c2", "max_evaluations", "shrink", "curvature",
     "curvature_eps", "initial_inverse_hessian", "tolerance_grad", "tolerance_change",
 )
-
+#: torch.optim.Adam options refused here, and why
+_UNSUPPORTED = {
+    "maximize": "the L-BFGS phase minimises; return the negated objective from the closure instead",
+    "capturable": "the L-BFGS phase reads losses on the host, which CUDA graph capture forbids",
+    "differentiable": "the L-BFGS phase's line search is not differentiable",
+    "decoupled_weight_decay": "use weight_decay (coupled L2, kept in the L-BFGS objective) instead",
+}
+#: the key of the optimizer-wide state in the first parameter's entry of ``state_dict()["state"]``
+GLOBAL_STATE_KEY = "fuse"
+#: version of that state's layout (1: a top-level ``"fuse"`` key, read for compatibility)
+GLOBAL_STATE_FORMAT = 2
+#: the L-BFGS step was not taken: ||g||_inf is below tolerance_grad times the reference gradient's
+CONVERGED = "converged"
+#: the L-BFGS step was not taken: every parameter with a gradient is frozen or at lr 0
+NOTHING_TO_MOVE = "nothing_to_move"
+#: f(x_k) is trusted to within this many machine epsilons of |f(x_k)| (see ``_search``)
+LOSS_RESOLUTION_ULPS = 16
 
 @dataclass
 class StepInfo:
@@ -103,6 +137,62 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check_adam_hyperparameters(options: Mapping[str, Any]) -> None:
+    """The Adam hyperparameters present in ``options`` (constructor arguments or a parameter group)."""
+    if "lr" in options:
+        _check(_is_number(options["lr"]) and options["lr"] >= 0, "lr", options["lr"],
+               "a finite number >= 0 (a tensor lr is not supported)")
+    if "betas" in options:
+        betas = options["betas"]
+        betas_ok = isinstance(betas, (tuple, list)) and len(betas) == 2
+        _check(betas_ok and all(_is_number(b) and 0 <= b < 1 for b in betas), "betas", betas,
+               "a pair of numbers in [0, 1)")
+    if "eps" in options:
+        _check(_is_number(options["eps"]) and options["eps"] >= 0, "eps", options["eps"], "a finite number >= 0")
+    if "weight_decay" in options:
+        _check(_is_number(options["weight_decay"]) and options["weight_decay"] >= 0, "weight_decay",
+               options["weight_decay"], "a finite number >= 0")
+
+
+def _refuse_unsupported(options: Mapping[str, Any]) -> None:
+    for key, why in _UNSUPPORTED.items():
+        if options.get(key):
+            raise ValueError(f"{key}=True is not supported by FusePV and Fuse: {why}")
+
+
+def _check_one_vector(params: list[torch.Tensor]) -> None:
+    """The L-BFGS phase treats all parameters as one real vector: one dtype, one device, no complex."""
+    complex_params = [p for p in params if p.is_complex()]
+    if complex_params:
+        raise ValueError(f"params: the L-BFGS phase does not support complex parameters ({complex_params[0].dtype}); "
+                         "use switch='never' for Adam alone")
+    dtypes = {p.dtype for p in params}
+    devices = {p.device for p in params}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(
+            f"params: the L-BFGS phase needs all parameters on one device with one dtype, got dtypes "
+            f"{sorted(map(str, dtypes))} on devices {sorted(map(str, devices))}"
+        )
+
+
+def _fused_devices() -> list[str]:
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    return _get_fused_kernels_supported_devices()
+
+
+def _adam_kernel_flags(group: Mapping[str, Any], params: list[torch.Tensor]) -> tuple[bool | None, bool | None]:
+    """(foreach, fused) for torch's Adam kernel: the group's flags; when both are None (the default),
+    the fused kernel where torch has one for every parameter's device and dtype (several times faster
+    than ``torch.optim.Adam``'s CPU default), else torch's own default."""
+    foreach, fused = group["foreach"], group["fused"]
+    if foreach is None and fused is None and not group["eps_inside_sqrt"]:
+        devices = _fused_devices()
+        if all(p.is_floating_point() and p.device.type in devices for p in params):
+            return False, True
+    return foreach, fused
+
+
 class _AdamLBFGSBase(Optimizer):
     """Bookkeeping shared by FusePV and Fuse: the Adam update, the L-BFGS step, state, recovery."""
 
@@ -118,6 +208,10 @@ class _AdamLBFGSBase(Optimizer):
         eps_inside_sqrt: bool,
         foreach: bool | None,
         fused: bool | None,
+        maximize: bool,
+        capturable: bool,
+        differentiable: bool,
+        decoupled_weight_decay: bool,
         history_size: int,
         line_search: str | None,
         lbfgs_lr: float | None,
@@ -132,14 +226,15 @@ class _AdamLBFGSBase(Optimizer):
         tolerance_change: float,
         track_grad_norm: bool,
     ) -> None:
-        _check(_is_number(lr) and lr >= 0, "lr", lr, "a finite number >= 0")
-        betas_ok = isinstance(betas, (tuple, list)) and len(betas) == 2
-        _check(betas_ok and all(_is_number(b) and 0 <= b < 1 for b in betas), "betas", betas,
-               "a pair of numbers in [0, 1)")
-        _check(_is_number(eps) and eps >= 0, "eps", eps, "a finite number >= 0")
-        _check(_is_number(weight_decay) and weight_decay >= 0, "weight_decay", weight_decay, "a finite number >= 0")
+        _check_adam_hyperparameters(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         _check(isinstance(amsgrad, bool), "amsgrad", amsgrad, "True or False")
         _check(isinstance(eps_inside_sqrt, bool), "eps_inside_sqrt", eps_inside_sqrt, "True or False")
+        _check(foreach is None or isinstance(foreach, bool), "foreach", foreach, "None, True or False")
+        _check(fused is None or isinstance(fused, bool), "fused", fused, "None, True or False")
+        _refuse_unsupported(dict(maximize=maximize, capturable=capturable, differentiable=differentiable,
+                                 decoupled_weight_decay=decoupled_weight_decay))
+        if fused and foreach:
+            raise ValueError("foreach and fused cannot both be True")
         if eps_inside_sqrt and (amsgrad or fused):
             raise ValueError("eps_inside_sqrt=True (paper Eq. 2c) cannot be combined with amsgrad or fused")
         _check(isinstance(history_size, int) and not isinstance(history_size, bool) and history_size >= 1,
@@ -174,12 +269,9 @@ class _AdamLBFGSBase(Optimizer):
             initial_inverse_hessian=initial_inverse_hessian, tolerance_grad=tolerance_grad,
             tolerance_change=tolerance_change,
         )
-        super().__init__(params, defaults)
-        if fused:
-            for p in self._all_params():
-                if not p.is_floating_point() or p.device.type not in ("cuda", "cpu", "mps", "xpu"):
-                    raise RuntimeError("fused=True requires floating-point parameters on a supported device")
         self.track_grad_norm = bool(track_grad_norm)
+        #: the learning rate at which the L-BFGS step is unscaled (see _step_scales); saved with the state
+        self.lr_reference = float(lr)
         self.phase = ADAM
         self._step_count = 0
         self._epoch_count = 0
@@ -193,12 +285,64 @@ class _AdamLBFGSBase(Optimizer):
         self.line_search_failures = 0
         self.recovery_log: list[tuple[int, str]] = []
         self.last_step_info: StepInfo | None = None
-        self.register_state_dict_post_hook(_add_global_state)
-        self.register_load_state_dict_pre_hook(_pop_global_state)
+        super().__init__(params, defaults)
+        if fused:
+            for p in self._all_params():
+                if not p.is_floating_point() or p.device.type not in _fused_devices():
+                    raise RuntimeError("fused=True requires floating-point parameters on a supported device")
+        self._install_state_hooks()
+        self._hold_state_entry()
 
-    # ------------------------------------------------------------------ parameter groups
+    # ------------------------------------------------------------------ torch.optim plumbing
+    def _install_state_hooks(self) -> None:
+        """The hooks that carry the optimizer-wide state through ``state_dict``/``load_state_dict``.
+
+        Installed again after unpickling (torch does not pickle hooks). Ours runs first on export and
+        import, and the import's post-hook is prepended, so users' load post-hooks see the loaded state.
+        """
+        if not any(hook is _export_global_state for hook in self._optimizer_state_dict_post_hooks.values()):
+            self.register_state_dict_post_hook(_export_global_state, prepend=True)
+            self.register_load_state_dict_pre_hook(_import_global_state, prepend=True)
+            self.register_load_state_dict_post_hook(_apply_global_state, prepend=True)
+
+    def _hold_state_entry(self) -> None:
+        """Keep an entry for the first parameter in ``self.state`` from construction on.
+
+        The first parameter's state carries the optimizer-wide state in ``state_dict()``. Holding its
+        entry also tells ``torch.distributed.checkpoint`` that the state exists, so that its
+        ``_init_optim_state`` does not call ``step()`` without a closure on a fresh optimizer.
+        """
+        self.state[self.param_groups[0]["params"][0]]  # noqa: B018  (defaultdict: creates {})
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles only defaults, state and param_groups; the phase, the L-BFGS memory and the
+        # criterion are attributes here, so everything but the (unpicklable, user-owned) hooks goes.
+        return {k: v for k, v in self.__dict__.items() if not k.endswith("_hooks")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # older or foreign dicts (torch.optim.Adam's) lack keys: fill them in
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        for group in self.param_groups:
+            on_device = bool(group["fused"] or group["capturable"])
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if "step" in p_state and not torch.is_tensor(p_state["step"]):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32,
+                                                   device=p.device if on_device else None)
+        self._install_state_hooks()
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        # Checked before the group is added, so that a refused group leaves the optimizer unchanged.
+        """Add a group (progressive unfreezing); checked first, so a refused group changes nothing.
+
+        The L-BFGS phase treats all parameters as one vector, so its settings must be equal in every
+        group, and a new group changes the vector's length: the curvature memory is dropped and
+        rebuilt at the next L-BFGS step.
+        """
+        options = {key: value for key, value in param_group.items() if key != "params"}
+        _refuse_unsupported(options)
+        _check_adam_hyperparameters(options)
         if self.param_groups:
             first = self.param_groups[0]
             for key in _LBFGS_KEYS:
@@ -208,7 +352,25 @@ class _AdamLBFGSBase(Optimizer):
                         f"{key} must be the same in every parameter group (the L-BFGS phase treats all "
                         f"parameters as one vector), got {first.get(key)!r} and {value!r}"
                     )
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # a generator is read once: keep what it gave
+            param_group["params"] = params = list(params)
+        if self._may_use_lbfgs() and not isinstance(params, set):  # torch refuses a set itself, below
+            new = [params] if isinstance(params, torch.Tensor) else params
+            _check_one_vector(self._all_params() + [p for p in new if isinstance(p, torch.Tensor)])
         super().add_param_group(param_group)
+        if self._memory is not None:
+            self._forget_vector_layout()
+
+    def _forget_vector_layout(self) -> None:
+        self._memory = None
+        self._adam_scale = None
+        self._last_good = None
+        self._x0_buffer = None
+
+    def _may_use_lbfgs(self) -> bool:
+        """Whether this optimizer can ever take an L-BFGS step (FusePV with ``never`` cannot)."""
+        return True
 
     def _all_params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -238,9 +400,11 @@ class _AdamLBFGSBase(Optimizer):
         return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
     def _flat_grad(self) -> torch.Tensor:
+        """``g`` over all parameters; a parameter without a gradient or frozen (``requires_grad=False``)
+        contributes zeros, so it takes no part in the curvature pairs."""
         parts = []
         for p in self._all_params():
-            if p.grad is None:
+            if p.grad is None or not p.requires_grad:
                 parts.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
             elif p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
@@ -263,47 +427,36 @@ class _AdamLBFGSBase(Optimizer):
         if direction is not None and step != 0.0:
             torch._foreach_add_(params, self._views(direction), alpha=step)
 
-    def _check_lbfgs_params(self) -> None:
-        params = self._all_params()
-        dtypes = {p.dtype for p in params}
-        devices = {p.device for p in params}
-        if len(dtypes) > 1 or len(devices) > 1:
-            raise RuntimeError(
-                f"the L-BFGS phase needs all parameters on one device with one dtype, got dtypes "
-                f"{sorted(map(str, dtypes))} on devices {sorted(map(str, devices))}"
-            )
-        if any(p.is_complex() for p in params):
-            raise RuntimeError("the L-BFGS phase does not support complex parameters")
-
     # ------------------------------------------------------------------ Adam phase (Eq. 2)
-    def _adam_update(self, loss: torch.Tensor | None) -> torch.Tensor | None:
+    def _adam_update(self) -> torch.Tensor | None:
         """One Adam step on the gradients already in ``p.grad``; returns ||g||^2 when needed."""
         grad_sq_norm = None
         for group in self.param_groups:
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], [], []
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                    params.append(p)
+            if not params:
+                continue
+            foreach, fused = _adam_kernel_flags(group, params)
+            for p in params:
                 state = self.state[p]
-                if len(state) == 0:
-                    on_device = group["fused"] or group["capturable"]
-                    state["step"] = (torch.tensor(0.0, dtype=torch.float32, device=p.device) if on_device
-                                     else torch.tensor(0.0, dtype=torch.float32))
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device if fused else None)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     if group["amsgrad"]:
                         state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
+                elif fused and state["step"].device != p.device:  # loaded from a dict saved without fused
+                    state["step"] = state["step"].to(p.device)
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 if group["amsgrad"]:
                     max_exp_avg_sqs.append(state["max_exp_avg_sq"])
                 steps.append(state["step"])
-            if not params:
-                continue
             if self._needs_grad_norm():
                 norms = torch._foreach_norm(grads)
                 group_sq = torch.stack([n.to(torch.float64) for n in norms]).square().sum()
@@ -315,7 +468,7 @@ class _AdamLBFGSBase(Optimizer):
             else:
                 adam_kernel(
                     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-                    foreach=group["foreach"], fused=group["fused"], capturable=False, differentiable=False,
+                    foreach=foreach, fused=fused, capturable=False, differentiable=False,
                     grad_scale=None, found_inf=None, has_complex=any(p.is_complex() for p in params),
                     decoupled_weight_decay=False, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2,
                     lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
@@ -325,21 +478,30 @@ class _AdamLBFGSBase(Optimizer):
     def _needs_grad_norm(self) -> bool:
         return self.track_grad_norm
 
-    def _adam_step(self, closure: Closure | None) -> torch.Tensor | None:
+    def _adam_step(self, closure: Closure | None) -> torch.Tensor | float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
             self.closure_calls += 1
-        loss_tensor = loss.detach() if isinstance(loss, torch.Tensor) else (
-            None if loss is None else torch.tensor(float(loss)))
-        grad_sq_norm = self._adam_update(loss_tensor)
+        loss_tensor = None if loss is None else self._loss_tensor(loss)
+        grad_sq_norm = self._adam_update()
         self._observe_adam_step(loss_tensor, grad_sq_norm)
         self.last_step_info = StepInfo(
             ADAM, loss_tensor, None if grad_sq_norm is None else grad_sq_norm.sqrt(), None,
             1 if closure is not None else 0, self.pairs_accepted, self.pairs_skipped, self.recoveries,
         )
         return loss
+
+    def _loss_tensor(self, loss: Any) -> torch.Tensor:
+        """The closure's loss as a detached 0-dim tensor on the parameters' device (no host sync)."""
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
+            return loss.detach().reshape(())
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            return torch.tensor(float(loss), device=self.param_groups[0]["params"][0].device)
+        raise TypeError(f"the closure must return the loss (a scalar tensor or a number), got {type(loss).__name__}")
 
     def _observe_adam_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
         """Hook for FusePV's switch criterion."""
@@ -361,9 +523,9 @@ class _AdamLBFGSBase(Optimizer):
     # ------------------------------------------------------------------ L-BFGS phase (Algorithms 1-2)
     def _ensure_memory(self) -> LBFGSMemory:
         if self._memory is None:
-            self._check_lbfgs_params()
-            group = self.param_groups[0]
             params = self._all_params()
+            _check_one_vector(params)
+            group = self.param_groups[0]
             self._memory = LBFGSMemory(
                 group["history_size"], sum(p.numel() for p in params), dtype=params[0].dtype,
                 device=params[0].device, curvature=group["curvature"], curvature_eps=group["curvature_eps"],
@@ -382,12 +544,52 @@ class _AdamLBFGSBase(Optimizer):
             options = dict(c1=group["c1"], shrink=group["shrink"], max_evaluations=group["max_evaluations"])
         return make_line_search(group["line_search"], **options)
 
-    def _evaluate(self, closure: Closure) -> tuple[torch.Tensor, float, torch.Tensor]:
+    def _evaluate(self, closure: Closure) -> tuple[Any, float, torch.Tensor]:
+        """Call the closure at the current parameters: (its loss, the objective f, the gradient of f).
+
+        ``f`` is the closure's loss plus, for groups with ``weight_decay`` wd > 0, ``wd / 2 ||x_g||^2``:
+        the term whose gradient ``wd x`` Adam's (coupled) weight decay adds, so that the L-BFGS phase
+        minimises the same objective as the Adam phase.
+        """
         with torch.enable_grad():
             loss = closure()
         self.closure_calls += 1
-        value = float(loss)
-        return loss, value, self._flat_grad()
+        value = float(self._loss_tensor(loss))
+        grad = self._flat_grad()
+        if any(group["weight_decay"] for group in self.param_groups):
+            value += self._add_weight_decay(grad)
+        return loss, value, grad
+
+    def _add_weight_decay(self, grad: torch.Tensor) -> float:
+        """``grad += wd x`` per group; returns ``sum_g wd_g / 2 ||x_g||^2``."""
+        penalty, views = 0.0, iter(self._views(grad))
+        for group in self.param_groups:
+            decay = group["weight_decay"]
+            for p in group["params"]:
+                view = next(views)
+                if decay and p.requires_grad:
+                    view.add_(p.detach(), alpha=decay)
+                    penalty += 0.5 * decay * float(p.detach().square().sum())
+        return penalty
+
+    def _step_scales(self) -> list[float] | None:
+        """Per-parameter factor of the L-BFGS step, ``None`` when every factor is 1.
+
+        A group moves by ``t * (lr_g / lr) d_g``: ``lr_g`` is the group's current learning rate (as set
+        per group or by an LR scheduler), ``lr`` the constructor's (``lr_reference``, saved in the state
+        dict). So the L-BFGS step scales with the learning rate as ``torch.optim.LBFGS``'s does, and a
+        group at ``lr_g = 0`` stays put. A parameter with no gradient at ``x_k`` or with
+        ``requires_grad=False`` (frozen) has factor 0.
+        """
+        base = self.lr_reference
+        scales, trivial = [], True
+        for group in self.param_groups:
+            factor = group["lr"] / base if base > 0 else float(group["lr"] > 0)
+            for p in group["params"]:
+                scale = factor if (p.requires_grad and p.grad is not None) else 0.0
+                trivial = trivial and scale == 1.0
+                scales.append(scale)
+        return None if trivial else scales
 
     def _recover(self, reason: str, restore_to: torch.Tensor | None) -> None:
         """Restore the last good parameters, forget the curvature pairs, count and record why."""
@@ -399,18 +601,25 @@ class _AdamLBFGSBase(Optimizer):
         self.recovery_log.append((self._step_count, reason))
         del self.recovery_log[:-100]
 
-    def _lbfgs_direction(self, grad: torch.Tensor) -> tuple[torch.Tensor, float, str | None]:
+    def _lbfgs_direction(self, grad: torch.Tensor) -> tuple[torch.Tensor, float, float, str | None]:
+        """``d = -P H g`` (P: the per-parameter step factors), ``g'd``, the first trial step, and a
+        recovery reason when ``H`` gave no descent direction (memory reset, ``d = -P g`` instead)."""
         memory = self._ensure_memory()
-        direction = memory.direction(grad, self._adam_scale)
-        gtd = float(torch.dot(grad, direction))
-        if not (gtd < 0 and math.isfinite(gtd)):
+        scales = self._step_scales()
+        failure = None
+        for attempt in range(2):
+            direction = memory.direction(grad, self._adam_scale)
+            initial_step = self._initial_step(direction)
+            if scales is not None:
+                torch._foreach_mul_(self._views(direction), scales)
+            gtd = float(torch.dot(grad, direction))
+            if (gtd < 0 and math.isfinite(gtd)) or attempt == 1 or memory.count == 0:
+                return direction, gtd, initial_step, failure
             memory.reset()
             self.recoveries += 1
             self.recovery_log.append((self._step_count, RECOVERY_NOT_DESCENT))
-            direction = memory.direction(grad, self._adam_scale)
-            gtd = float(torch.dot(grad, direction))
-            return direction, gtd, RECOVERY_NOT_DESCENT
-        return direction, gtd, None
+            failure = RECOVERY_NOT_DESCENT
+        raise AssertionError("unreachable")
 
     def _initial_step(self, direction: torch.Tensor) -> float:
         """First trial step: ``lbfgs_lr``, scaled by ``min(1, 1/||d||_1)`` while the memory is empty."""
@@ -420,10 +629,16 @@ class _AdamLBFGSBase(Optimizer):
         return lbfgs_lr
 
     def _search(self, closure: Closure, x0: torch.Tensor, direction: torch.Tensor, loss0: float,
-                gtd0: float) -> LineSearchResult:
-        """Line search from x0 along ``direction``; on return the parameters are at x0 + result.step * d."""
-        at_step = 0.0  # the parameters equal x0 + at_step * direction (exactly: x0 itself at first)
+                gtd0: float, initial_step: float) -> LineSearchResult:
+        """Line search from x0 along ``direction``; on return the parameters are at x0 + result.step * d.
 
+        ``f(x_k)`` is known only to within its rounding (a few ulps of ``|f|`` in the parameters'
+        dtype), so the policy's sufficient-decrease test allows that much (``loss_resolution``): near
+        an optimum, where float32 cannot resolve the decrease, a step that leaves f level within that
+        resolution is accepted (the approximate Armijo condition of Hager & Zhang 2005) instead of
+        being reported as a failed search.
+        """
+        at_step = 0.0  # the parameters equal x0 + at_step * direction (exactly: x0 itself at first)
         search = self._line_search()
         needs_gtd = getattr(search, "needs_directional_derivative", True)
 
@@ -437,14 +652,21 @@ class _AdamLBFGSBase(Optimizer):
             _, value, grad = self._evaluate(closure)
             return value, grad, float(torch.dot(grad, direction)) if needs_gtd else math.nan
 
-        result = search(evaluate, loss0, gtd0, self._initial_step(direction))
+        resolution = LOSS_RESOLUTION_ULPS * torch.finfo(x0.dtype).eps * abs(loss0)
+        result = search(evaluate, loss0, gtd0, initial_step, loss_resolution=resolution)
         if not result.ok:
             self.line_search_failures += 1
         if at_step != result.step:
             self._set_params(x0, direction, result.step)
         return result
 
-    def _lbfgs_step(self, closure: Closure) -> torch.Tensor:
+    def _converged(self, grad_max: float) -> bool:
+        """``||g||_inf <= tolerance_grad * ||g_ref||_inf`` (the reference: the first L-BFGS gradient)."""
+        if self._grad_reference is None:
+            self._grad_reference = grad_max
+        return grad_max <= self.param_groups[0]["tolerance_grad"] * max(self._grad_reference, 1e-300)
+
+    def _lbfgs_step(self, closure: Closure) -> Any:
         """One L-BFGS iteration on the closure's minibatch (paper Algorithm 1, one pass of the loop)."""
         calls_before = self.closure_calls
         loss, loss0, grad0 = self._evaluate(closure)
@@ -460,24 +682,22 @@ class _AdamLBFGSBase(Optimizer):
             self._x0_buffer = torch.empty_like(grad0)
         x0 = self._flat_params(out=self._x0_buffer)
         self._last_good = x0
-        if self._grad_reference is None:
-            self._grad_reference = grad_max
-        group = self.param_groups[0]
-        if grad_max <= group["tolerance_grad"] * max(self._grad_reference, 1e-300):
-            self._record_lbfgs(loss0, grad0, 0.0, calls_before, "converged")
+        if self._converged(grad_max):
+            self._record_lbfgs(loss0, grad0, 0.0, calls_before, CONVERGED)
             return loss
-        direction, gtd0, failure = self._lbfgs_direction(grad0)
-        result = self._search(closure, x0, direction, loss0, gtd0)
+        direction, gtd0, initial_step, failure = self._lbfgs_direction(grad0)
+        if not gtd0 < 0:  # every parameter with a gradient is frozen or at lr 0
+            self._record_lbfgs(loss0, grad0, 0.0, calls_before, NOTHING_TO_MOVE)
+            return loss
+        result = self._search(closure, x0, direction, loss0, gtd0, initial_step)
         if result.step > 0:
             row = memory.free_row()
             s_row = torch.mul(direction, result.step, out=memory.s[row])
             memory.push(s_row, torch.sub(result.grad, grad0, out=memory.y[row]), self._adam_scale)
         else:
-            # No step decreased the loss: restore x_k, reset the memory, take a safe steepest-descent
-            # step x_k - lr g / max(1, ||g||) (lr: the Adam learning rate; length lr * min(1, ||g||), so
-            # tiny at a converged iterate where only rounding stopped the search), record the failure.
+            # No step decreased the loss: the parameters are back at x_k (the search leaves them at
+            # x_k + 0 d) and the memory, which proposed the direction, is forgotten.
             self._recover(result.failure or "line_search_failed", None)
-            self._set_params(x0, grad0, -group["lr"] / max(float(grad0.norm()), 1.0))
         self._record_lbfgs(loss0, grad0, result.step, calls_before, result.failure or failure)
         return loss
 
@@ -490,13 +710,10 @@ class _AdamLBFGSBase(Optimizer):
         )
 
     # ------------------------------------------------------------------ state
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load per-parameter Adam state and the global state (phase, L-BFGS memory, criterion)."""
-        super().load_state_dict(state_dict)  # type: ignore[arg-type]
-        self._load_global_state(self.__dict__.pop("_pending_global_state"))
-
     def _global_state(self) -> dict[str, Any]:
+        """The optimizer-wide state (phase, counters, L-BFGS memory), as plain data and tensors."""
         return {
+            "format": GLOBAL_STATE_FORMAT,
             "phase": self.phase,
             "step": self._step_count,
             "epoch": self._epoch_count,
@@ -504,20 +721,28 @@ class _AdamLBFGSBase(Optimizer):
             "adam_scale": None if self._adam_scale is None else self._adam_scale.clone(),
             "last_good": None if self._last_good is None else self._last_good.clone(),
             "grad_reference": self._grad_reference,
+            "lr_reference": self.lr_reference,
             "closure_calls": self.closure_calls,
             "recoveries": self.recoveries,
             "line_search_failures": self.line_search_failures,
             "recovery_log": list(self.recovery_log),
         }
 
+    def _check_global_state(self, state: Mapping[str, Any]) -> None:
+        """Refuse, before anything changes, a global state this optimizer cannot continue from."""
+        memory = state.get("memory")
+        dimension = sum(p.numel() for p in self._all_params())
+        if memory is not None and memory["s"].shape[-1] != dimension:
+            raise ValueError(f"state_dict holds an L-BFGS memory over {memory['s'].shape[-1]} parameters, "
+                             f"this optimizer has {dimension}")
+
     def _load_global_state(self, state: Mapping[str, Any]) -> None:
         self.phase = state["phase"]
         self._step_count, self._epoch_count = int(state["step"]), int(state["epoch"])
         params = self._all_params()
         device, dtype = params[0].device, params[0].dtype
-        self._memory = None
+        self._forget_vector_layout()
         if state["memory"] is not None:
-            self._memory = None
             memory = self._ensure_memory()
             memory.load_state_dict({
                 k: v.to(device=device, dtype=dtype if k in ("s", "y", "rho") else v.dtype)
@@ -525,27 +750,65 @@ class _AdamLBFGSBase(Optimizer):
         self._adam_scale = None if state["adam_scale"] is None else state["adam_scale"].to(device, dtype).clone()
         self._last_good = None if state["last_good"] is None else state["last_good"].to(device, dtype).clone()
         self._grad_reference = state["grad_reference"]
+        self.lr_reference = float(state.get("lr_reference", self.lr_reference))
         self.closure_calls = int(state["closure_calls"])
         self.recoveries = int(state["recoveries"])
         self.line_search_failures = int(state["line_search_failures"])
         self.recovery_log = [tuple(x) for x in state["recovery_log"]]
 
+    def _load_adam_state_only(self) -> None:
+        """After loading a state dict without our global state (``torch.optim.Adam``'s): the Adam
+        phase continues from it, the step counter from the first parameter's Adam step."""
+        self.phase = ADAM
+        first = self.state.get(self.param_groups[0]["params"][0], {})
+        self._step_count = int(first["step"]) if "step" in first else 0
+        self._epoch_count = 0
+        self._forget_vector_layout()
+        self._grad_reference = None
 
-def _add_global_state(optimizer: _AdamLBFGSBase, state_dict: dict[str, Any]) -> None:
-    state_dict["fuse"] = optimizer._global_state()
+
+def _export_global_state(optimizer: _AdamLBFGSBase, state_dict: dict[str, Any]) -> None:
+    """State-dict post-hook: the global state goes into the first parameter's state, under ``"fuse"``.
+
+    There, rather than beside ``"state"`` and ``"param_groups"``, it survives tools that keep only those
+    two keys (``torch.distributed.checkpoint``'s ``get/set_optimizer_state_dict``).
+    """
+    state = dict(state_dict["state"])
+    state[0] = {**state.get(0, {}), GLOBAL_STATE_KEY: optimizer._global_state()}
+    state_dict["state"] = state
 
 
-def _pop_global_state(optimizer: _AdamLBFGSBase, state_dict: dict[str, Any]) -> dict[str, Any]:
+def _import_global_state(optimizer: _AdamLBFGSBase, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Load-state-dict pre-hook: take the global state out (checked before anything changes).
+
+    Accepts our current layout, the earlier one (a top-level ``"fuse"`` key), and dicts with no global
+    state at all (``torch.optim.Adam``'s: the Adam phase continues from them).
+    """
     state_dict = dict(state_dict)
-    global_state = state_dict.pop("fuse", None)
-    if global_state is None:
-        raise ValueError(f"state_dict has no 'fuse' entry: it was not saved by {type(optimizer).__name__}")
+    state = {k: dict(v) for k, v in state_dict["state"].items()}
+    global_state = state_dict.pop(GLOBAL_STATE_KEY, None)
+    if GLOBAL_STATE_KEY in state.get(0, {}):
+        global_state = state[0].pop(GLOBAL_STATE_KEY)
+    for group in state_dict["param_groups"]:
+        _refuse_unsupported({k: v for k, v in group.items() if k in _UNSUPPORTED})
+    if global_state is not None:
+        optimizer._check_global_state(global_state)
     # torch's load_state_dict keeps references to tensors that need no cast; copy them so that an
     # optimizer loaded from another live optimizer's state never shares buffers with it.
     state_dict["state"] = {k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()}
-                           for k, s in state_dict["state"].items()}
+                           for k, s in state.items() if s}
     optimizer._pending_global_state = global_state
     return state_dict
+
+
+def _apply_global_state(optimizer: _AdamLBFGSBase) -> None:
+    """Load-state-dict post-hook (runs before users' post-hooks): the global state takes effect."""
+    global_state = optimizer.__dict__.pop("_pending_global_state", None)
+    if global_state is None:
+        optimizer._load_adam_state_only()
+    else:
+        optimizer._load_global_state(global_state)
+    optimizer._hold_state_entry()
 
 
 def _adam_eq2c(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
@@ -570,7 +833,11 @@ class FusePV(_AdamLBFGSBase):
     Args:
         params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
         lr, betas, eps, weight_decay, amsgrad, foreach, fused: Adam phase, as ``torch.optim.Adam``
-            (defaults equal; ``lr`` is alpha in Eq. 2c).
+            (defaults equal; ``lr`` is alpha in Eq. 2c; ``foreach=fused=None`` picks torch's fused
+            kernel where it has one). In the L-BFGS phase ``lr_g / lr`` scales each group's step and
+            ``weight_decay`` stays in the objective (see the module docstring).
+        maximize, capturable, differentiable, decoupled_weight_decay: accepted for drop-in
+            compatibility with ``torch.optim.Adam``; only ``False`` is supported.
         eps_inside_sqrt: use the paper's Eq. 2c ``m / sqrt(v + a)`` (a = ``eps``) instead of torch's
             ``m / (sqrt(v) + eps)``.
         switch: a :class:`~fuse_optim.switch.SwitchCriterion` or its dict, e.g.
@@ -627,6 +894,10 @@ class FusePV(_AdamLBFGSBase):
         eps_inside_sqrt: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        decoupled_weight_decay: bool = False,
         history_size: int = 10,
         line_search: str | None = "armijo",
         lbfgs_lr: float | None = None,
@@ -647,7 +918,8 @@ class FusePV(_AdamLBFGSBase):
         )
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            eps_inside_sqrt=eps_inside_sqrt, foreach=foreach, fused=fused, history_size=history_size,
+            eps_inside_sqrt=eps_inside_sqrt, foreach=foreach, fused=fused, maximize=maximize, capturable=capturable,
+            differentiable=differentiable, decoupled_weight_decay=decoupled_weight_decay, history_size=history_size,
             line_search=line_search, lbfgs_lr=lbfgs_lr, c1=c1, c2=c2, max_evaluations=max_evaluations,
             shrink=shrink, curvature=curvature, curvature_eps=curvature_eps,
             initial_inverse_hessian=initial_inverse_hessian, tolerance_grad=tolerance_grad,
@@ -657,19 +929,20 @@ class FusePV(_AdamLBFGSBase):
         self.switched_at_epoch: int | None = None
         self.switch_reason: str | None = None
 
+    def _may_use_lbfgs(self) -> bool:
+        return not isinstance(self.criterion, Never)
+
     def _needs_grad_norm(self) -> bool:
         return self.track_grad_norm or self.criterion.needs_grad_norm
 
     def _observe_adam_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
-        if self.criterion.needs_loss and loss is None:
-            raise RuntimeError(f"the {self.criterion.name!r} switch criterion needs a closure that returns the loss")
         self.criterion.observe_step(loss, grad_sq_norm)
 
     def switch_to_lbfgs(self, reason: str = "manual") -> None:
         """Switch now (idempotent); the next ``step()`` is an L-BFGS step."""
         if self.phase == LBFGS:
             return
-        self._check_lbfgs_params()
+        _check_one_vector(self._all_params())
         self.phase = LBFGS
         self.switched_at_step = self._step_count
         self.switched_at_epoch = self._epoch_count
@@ -699,13 +972,18 @@ class FusePV(_AdamLBFGSBase):
 
         The closure is optional in the Adam phase (gradients already in ``p.grad``, as with
         ``torch.optim.Adam``) unless the criterion reads the loss; the L-BFGS phase requires it.
+        Without a needed closure, ``step()`` raises before anything changes.
         """
         self._maybe_switch()
+        if closure is None and self.phase == LBFGS:
+            raise RuntimeError("FusePV.step() needs a closure in the L-BFGS phase (closure=None given)")
+        if closure is None and self.criterion.needs_loss:
+            raise RuntimeError(
+                f"FusePV.step() needs a closure that returns the loss: the {self.criterion.name!r} switch criterion "
+                "reads it (or choose a criterion that does not, e.g. switch={'criterion': 'epoch', 'epoch': 5})")
         if self.phase == ADAM:
             loss = self._adam_step(closure)
         else:
-            if closure is None:
-                raise RuntimeError("FusePV.step() needs a closure in the L-BFGS phase (closure=None given)")
             loss = self._lbfgs_step(closure)
         self._step_count += 1
         return loss
@@ -719,12 +997,15 @@ class FusePV(_AdamLBFGSBase):
         )
         return state
 
-    def _load_global_state(self, state: Mapping[str, Any]) -> None:
-        if state["criterion_config"] != self.criterion.config():
+    def _check_global_state(self, state: Mapping[str, Any]) -> None:
+        super()._check_global_state(state)
+        if state.get("criterion_config") != self.criterion.config():
             raise ValueError(
-                f"state_dict was saved with switch={state['criterion_config']!r}, this optimizer has "
+                f"state_dict was saved with switch={state.get('criterion_config')!r}, this optimizer has "
                 f"switch={self.criterion.config()!r}"
             )
+
+    def _load_global_state(self, state: Mapping[str, Any]) -> None:
         super()._load_global_state(state)
         self.criterion.load_state_dict(state["criterion"])
         self.switched_at_step = state["switched_at_step"]
@@ -768,6 +1049,10 @@ class Fuse(_AdamLBFGSBase):
         eps_inside_sqrt: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        decoupled_weight_decay: bool = False,
         history_size: int = 10,
         line_search: str | None = "armijo",
         lbfgs_lr: float | None = None,
@@ -785,7 +1070,8 @@ class Fuse(_AdamLBFGSBase):
         self.theta = make_schedule(theta if theta is not None else {"schedule": "linear", "steps": 1000})
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            eps_inside_sqrt=eps_inside_sqrt, foreach=foreach, fused=fused, history_size=history_size,
+            eps_inside_sqrt=eps_inside_sqrt, foreach=foreach, fused=fused, maximize=maximize, capturable=capturable,
+            differentiable=differentiable, decoupled_weight_decay=decoupled_weight_decay, history_size=history_size,
             line_search=line_search, lbfgs_lr=lbfgs_lr, c1=c1, c2=c2, max_evaluations=max_evaluations,
             shrink=shrink, curvature=curvature, curvature_eps=curvature_eps,
             initial_inverse_hessian=initial_inverse_hessian, tolerance_grad=tolerance_grad,
@@ -819,26 +1105,43 @@ class Fuse(_AdamLBFGSBase):
         self._step_count += 1
         return loss
 
-    def _blend_step(self, closure: Closure, theta: float) -> torch.Tensor:
+    def _blend_step(self, closure: Closure, theta: float) -> Any:
+        """Algorithm 3: both updates from the same ``x_k`` and minibatch, then their convex combination.
+
+        ``x_{k+1} = x_k + theta (x^A - x_k) + (1 - theta)(x^L - x_k)``: written as increments so that
+        where both updates are zero (a stationary point) ``x_{k+1}`` is ``x_k`` exactly.
+        """
         calls_before = self.closure_calls
         loss, loss0, grad0 = self._evaluate(closure)
         memory = self._ensure_memory()
-        if not (math.isfinite(loss0) and bool(torch.isfinite(grad0).all())):
+        grad_max = float(grad0.abs().max())
+        if not (math.isfinite(loss0) and math.isfinite(grad_max)):
             self._recover(RECOVERY_NON_FINITE, self._last_good)
             self._record_lbfgs(loss0, None, None, calls_before, RECOVERY_NON_FINITE, theta)
             return loss
         x0 = self._flat_params()
         self._last_good = x0
-        # x^A: Adam's update from g(x_k; B_k), already in p.grad.
-        self._adam_update(loss.detach())
-        x_adam = self._flat_params()
-        # x^L: one L-BFGS iteration from x_k on the same minibatch.
-        direction, gtd0, failure = self._lbfgs_direction(grad0)
-        result = self._search(closure, x0, direction, loss0, gtd0)
-        x_lbfgs = torch.add(x0, direction, alpha=result.step) if result.step > 0 else x0
-        if result.step == 0:
-            self._recover(result.failure or "line_search_failed", None)
-        x_new = x_adam.mul_(theta).add_(x_lbfgs, alpha=1 - theta)
+        # x^A - x_k: Adam's update from g(x_k; B_k), already in p.grad; then back to x_k.
+        self._adam_update()
+        update = self._flat_params().sub_(x0).mul_(theta)
+        self._set_params(x0)
+        # x^L - x_k: one L-BFGS iteration from x_k on the same minibatch.
+        failure, step = None, 0.0
+        if self._converged(grad_max):
+            failure = CONVERGED
+        else:
+            direction, gtd0, initial_step, failure = self._lbfgs_direction(grad0)
+            if not gtd0 < 0:
+                failure = NOTHING_TO_MOVE
+            else:
+                result = self._search(closure, x0, direction, loss0, gtd0, initial_step)
+                step = result.step
+                if step > 0:
+                    update.add_(direction, alpha=(1 - theta) * step)
+                else:
+                    self._recover(result.failure or "line_search_failed", None)
+                failure = result.failure or failure
+        x_new = update.add_(x0)
         self._set_params(x_new)
         _, loss_new, grad_new = self._evaluate(closure)
         if math.isfinite(loss_new) and bool(torch.isfinite(grad_new).all()):
@@ -846,6 +1149,5 @@ class Fuse(_AdamLBFGSBase):
         else:
             self._recover(RECOVERY_NON_FINITE, x0)
             failure = RECOVERY_NON_FINITE
-        self._record_lbfgs(loss0, grad0, result.step, calls_before, result.failure or failure, theta)
+        self._record_lbfgs(loss0, grad0, step, calls_before, failure, theta)
         return loss
-

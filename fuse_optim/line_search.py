@@ -15,8 +15,15 @@ saw that decreased ``f`` (``t = 0`` if none).
 Inequalities (Nocedal & Wright, Numerical Optimization, 2nd ed., Eq. 3.7), with
 ``phi(t) = f(x_k + t d)``:
 
-* sufficient decrease (Armijo): ``phi(t) <= phi(0) + c1 t phi'(0)``
+* sufficient decrease (Armijo): ``phi(t) <= phi(0) + c1 t phi'(0) + r``
 * strong curvature: ``|phi'(t)| <= c2 |phi'(0)|``, with ``0 < c1 < c2 < 1``.
+
+``r = loss_resolution`` (default 0) is how precisely ``phi(0)`` is known: the caller passes a few
+ulps of ``|f(x_k)|`` in the parameters' dtype. Near an optimum, where the decrease
+``c1 t |phi'(0)|`` falls below the rounding of ``f`` (float32 reaches it early), a step that leaves
+``f`` level within ``r`` is accepted rather than reported as a failed search: the approximate Armijo
+condition of Hager & Zhang (2005, "A new conjugate gradient method with guaranteed descent and an
+efficient line search", Eq. 4.1's ``f(x_k + t d) <= f(x_k) + eps |f(x_k)|``).
 """
 
 from __future__ import annotations
@@ -117,8 +124,10 @@ class StrongWolfe:
             raise ValueError(f"c1 and c2 must satisfy 0 < c1 < c2 < 1, got c1={self.c1}, c2={self.c2}")
         _check_evaluations(self.max_evaluations)
 
-    def __call__(self, evaluate: Evaluate, loss0: float, gtd0: float, initial_step: float) -> LineSearchResult:
+    def __call__(self, evaluate: Evaluate, loss0: float, gtd0: float, initial_step: float, *,
+                 loss_resolution: float = 0.0) -> LineSearchResult:
         c1, c2 = self.c1, self.c2
+        ceiling = loss0 + loss_resolution  # phi(0) plus its rounding: the Armijo line starts here
         evaluations = 0
         best = LineSearchResult(0.0, loss0, None, gtd0, 0, NO_DECREASE)
 
@@ -129,7 +138,7 @@ class StrongWolfe:
             if not (_finite(loss) and _finite(gtd)):
                 loss, gtd = math.inf, math.nan
             result = LineSearchResult(t, loss, grad, gtd, evaluations)
-            if loss <= loss0 + c1 * t * gtd0 and loss < best.loss:
+            if loss <= ceiling + c1 * t * gtd0 and loss < best.loss:
                 best = LineSearchResult(t, loss, grad, gtd, evaluations)
             return result
 
@@ -148,7 +157,7 @@ class StrongWolfe:
         # Bracketing phase (Algorithm 3.5).
         while evaluations < self.max_evaluations:
             point = probe(t)
-            if point.loss > loss0 + c1 * t * gtd0 or (previous.step > 0 and point.loss >= previous.loss):
+            if point.loss > ceiling + c1 * t * gtd0 or (previous.step > 0 and point.loss >= previous.loss):
                 low, high = previous, point
                 break
             if abs(point.gtd) <= -c2 * gtd0:
@@ -175,7 +184,7 @@ class StrongWolfe:
             else:
                 t = (a + b) / 2
             point = probe(t)
-            if point.loss > loss0 + c1 * t * gtd0 or point.loss >= low.loss:
+            if point.loss > ceiling + c1 * t * gtd0 or point.loss >= low.loss:
                 high = point
             else:
                 if abs(point.gtd) <= -c2 * gtd0:
@@ -210,11 +219,12 @@ class Armijo:
             raise ValueError(f"shrink must be in (0, 1), got {self.shrink!r}")
         _check_evaluations(self.max_evaluations)
 
-    def __call__(self, evaluate: Evaluate, loss0: float, gtd0: float, initial_step: float) -> LineSearchResult:
+    def __call__(self, evaluate: Evaluate, loss0: float, gtd0: float, initial_step: float, *,
+                 loss_resolution: float = 0.0) -> LineSearchResult:
         t = initial_step
         for evaluations in range(1, self.max_evaluations + 1):
             loss, grad, gtd = evaluate(t)
-            if _finite(loss) and loss <= loss0 + self.c1 * t * gtd0:
+            if _finite(loss) and loss <= loss0 + loss_resolution + self.c1 * t * gtd0:
                 return LineSearchResult(t, loss, grad, gtd, evaluations)
             t *= self.shrink
         return LineSearchResult(0.0, loss0, None, gtd0, self.max_evaluations, NO_DECREASE)
@@ -231,7 +241,8 @@ class FixedStep:
     name = "fixed"
     needs_directional_derivative = False
 
-    def __call__(self, evaluate: Evaluate, loss0: float, gtd0: float, initial_step: float) -> LineSearchResult:
+    def __call__(self, evaluate: Evaluate, loss0: float, gtd0: float, initial_step: float, *,
+                 loss_resolution: float = 0.0) -> LineSearchResult:
         loss, grad, gtd = evaluate(initial_step)
         if not _finite(loss):
             return LineSearchResult(0.0, loss0, None, gtd0, 1, NO_DECREASE)

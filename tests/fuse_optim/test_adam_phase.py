@@ -60,6 +60,33 @@ def max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x.detach() - y.detach()).abs().max().item() for x, y in zip(a, b, strict=True))
 
 
+def same_kernel(options: dict) -> dict:
+    """torch.optim.Adam options that select the kernel FusePV runs with ``options``: FusePV's default
+    (neither foreach nor fused given) is torch's fused kernel, torch.optim.Adam's is not."""
+    if options.get("foreach") is None and options.get("fused") is None:
+        return {**options, "foreach": None, "fused": True}
+    return options
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("fuse_options", "adam_options"), [
+    ({"foreach": False}, {}),  # FusePV(foreach=False) is torch.optim.Adam's CPU default, bit for bit
+    ({}, {"fused": True}),  # FusePV's default is torch's fused kernel, bit for bit
+    ({"foreach": True}, {"foreach": True}),
+])
+def test_same_kernel_is_bit_identical_to_torch_adam(fuse_options: dict, adam_options: dict,
+                                                    dtype: torch.dtype) -> None:
+    reference_params, fuse_params = make_params(dtype), make_params(dtype)
+    reference = torch.optim.Adam(reference_params, lr=1e-2, weight_decay=1e-2, **adam_options)
+    fuse_pv = FusePV(fuse_params, lr=1e-2, weight_decay=1e-2, switch=NEVER, **fuse_options)
+    for step in range(15):
+        for opt, params in ((reference, reference_params), (fuse_pv, fuse_params)):
+            opt.zero_grad()
+            loss_fn(params, step).backward()
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(reference_params, fuse_params, strict=True)), f"step {step}"
+
+
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-6)],
                          ids=["float64", "float32"])
 @pytest.mark.parametrize(("config_id", "config"), CONFIGS, ids=[c[0] for c in CONFIGS])
@@ -70,7 +97,7 @@ def test_equals_torch_adam_step_for_step(config_id: str, config: dict, dtype: to
     reference_params, fuse_params = make_params(dtype), make_params(dtype)
     reference_groups, options = as_groups(reference_params, config)
     fuse_groups, _ = as_groups(fuse_params, config)
-    reference = torch.optim.Adam(reference_groups, **options)
+    reference = torch.optim.Adam(reference_groups, **same_kernel(options))
     fuse_pv = FusePV(fuse_groups, switch=switch, **options)
     for step in range(20):
         for opt, params in ((reference, reference_params), (fuse_pv, fuse_params)):

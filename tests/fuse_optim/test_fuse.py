@@ -138,3 +138,45 @@ def test_end_epoch_counts_epochs() -> None:
     fuse = Fuse([start()], theta=0.5)
     assert fuse.end_epoch() is False and fuse.end_epoch() is False
     assert fuse.epoch == 2
+
+
+def record_points(opt: torch.optim.Optimizer, x: torch.Tensor, steps: int) -> list[list[torch.Tensor]]:
+    """The point of every closure call, per step."""
+    per_step: list[list[torch.Tensor]] = []
+
+    def closure() -> torch.Tensor:
+        per_step[-1].append(x.detach().clone())
+        opt.zero_grad()
+        loss = ROSENBROCK.fn(x)
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        per_step.append([])
+        opt.step(closure)
+    return per_step
+
+
+@pytest.mark.parametrize("theta", [0.3, 0.7])
+@pytest.mark.parametrize("policy", ["armijo", "strong_wolfe"])
+def test_blend_line_search_starts_from_x_k(theta: float, policy: str) -> None:
+    """Algorithm 3: both updates start from x_k. Every line-search trial of a blend step is x_k + t d with
+    d FusePV's L-BFGS direction at x_k (the same memory), not the Adam point x^A + t d; so the trials and the
+    accepted step equal those of a pure L-BFGS step (theta = 0) taken from the same x_k and memory."""
+    x_fuse, x_lbfgs = start(), start()
+    fuse = Fuse([x_fuse], lr=0.1, theta=theta, line_search=policy)
+    reference = Fuse([x_lbfgs], lr=0.1, theta=theta, line_search=policy)
+    for step in range(6):
+        # the reference continues from this step's state with theta = 0: one L-BFGS step from the same x_k
+        reference.load_state_dict(fuse.state_dict())
+        with torch.no_grad():
+            x_lbfgs.copy_(x_fuse)
+        reference.theta = lambda _: 0.0
+        expected = record_points(reference, x_lbfgs, 1)[0]
+        got = record_points(fuse, x_fuse, 1)[0]
+        assert torch.equal(got[0], expected[0])  # x_k
+        trials_got, trials_expected = got[1:-1], expected[1:]  # the blend step ends with a call at x_{k+1}
+        assert len(trials_got) == len(trials_expected), f"step {step}"
+        for p, q in zip(trials_got, trials_expected, strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-15)
+        assert fuse.last_step_info.step_size == reference.last_step_info.step_size

@@ -393,9 +393,10 @@ def test_several_param_groups_equal_one_flat_vector(policy: str, quadratic_probl
     flat = x0.clone().requires_grad_()
     parts = [x0[:3].clone().requires_grad_(), x0[3:7].clone().view(2, 2).requires_grad_(),
              x0[7:].clone().requires_grad_()]
-    # groups differ in their Adam settings (unused by the L-BFGS phase) but share the L-BFGS ones
+    # groups differ in Adam settings the L-BFGS phase does not use (betas, eps; lr scales the step,
+    # so it is the same here) and share the L-BFGS ones
     opt_flat = FusePV([flat], switch=LBFGS_FROM_START, line_search=policy, history_size=4)
-    opt_groups = FusePV([{"params": parts[:2], "lr": 0.5}, {"params": parts[2:], "lr": 1e-3, "betas": (0.5, 0.6)}],
+    opt_groups = FusePV([{"params": parts[:2], "eps": 1e-3}, {"params": parts[2:], "betas": (0.5, 0.6)}],
                         switch=LBFGS_FROM_START, line_search=policy, history_size=4)
     for _ in range(15):
         for opt, params in ((opt_flat, [flat]), (opt_groups, parts)):
@@ -433,18 +434,19 @@ def test_float32_lbfgs_phase_converges(quadratic_problem, policy: str) -> None:
     torch.testing.assert_close(x.detach(), quadratic_problem["x_star"].float(), rtol=0, atol=1e-4)
 
 
-def test_mixed_dtypes_are_refused_at_the_switch() -> None:
+@pytest.mark.parametrize("switch", [LBFGS_FROM_START, {"criterion": "epoch", "epoch": 5}])
+def test_mixed_dtypes_are_refused_at_construction(switch: dict) -> None:
+    """Refused before a whole Adam phase is spent, whatever the criterion (but ``never``)."""
     params = [torch.zeros(2, requires_grad=True), torch.zeros(2, dtype=torch.float64, requires_grad=True)]
-    opt = FusePV(params, switch=LBFGS_FROM_START)
-
-    def closure():
-        opt.zero_grad()
-        loss = (params[0] ** 2).sum() + (params[1] ** 2).sum()
-        loss.backward()
-        return loss
-
-    with pytest.raises(RuntimeError, match="dtype"):
-        opt.step(closure)
+    with pytest.raises(ValueError, match="params: .*one dtype"):
+        FusePV(params, switch=switch)
+    with pytest.raises(ValueError, match="params: .*complex"):
+        FusePV([torch.zeros(2, dtype=torch.complex64, requires_grad=True)], switch=switch)
+    opt = FusePV(params[:1], switch=switch)
+    with pytest.raises(ValueError, match="params: .*one dtype"):
+        opt.add_param_group({"params": params[1:]})
+    assert len(opt.param_groups) == 1
+    FusePV(params, switch={"criterion": "never"})  # Adam alone takes them, as torch.optim.Adam does
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -103,8 +103,8 @@ def test_non_finite_at_x_k_restores_and_resets(quadratic_problem, policy: str, m
     ("strong_wolfe", {INTERVAL_TOO_SMALL, MAX_EVALUATIONS}),
     ("fixed", {NO_DECREASE}),
 ])
-def test_no_acceptable_step_restores_x_k_and_takes_the_safe_step(quadratic_problem, policy: str,
-                                                                  expected_failures: set[str]) -> None:
+def test_no_acceptable_step_restores_x_k_and_stays_there(quadratic_problem, policy: str,
+                                                          expected_failures: set[str]) -> None:
     problem = PoisonedProblem(quadratic_problem, line_search=policy)
     for _ in range(4):
         problem.step()
@@ -119,10 +119,9 @@ def test_no_acceptable_step_restores_x_k_and_takes_the_safe_step(quadratic_probl
     assert opt.recoveries == 1 and opt.line_search_failures == failures_before + 1
     assert info.step_size == 0.0 and info.closure_calls == problem.calls_this_step
     assert memory_count(opt) == 0
-    # x_{k+1} = x_k - lr g / max(1, ||g||): a steepest-descent step of length at most lr from the restored x_k
-    grad = problem.gradient(x_k)
-    assert grad.norm() > 1  # here the step has length lr exactly; the converged case is tested below
-    torch.testing.assert_close(problem.x.detach(), x_k - LR * grad / grad.norm(), rtol=0, atol=1e-14)
+    # x_{k+1} = x_k: no unchecked "safe" step (its length would be unbounded in lr); the next step
+    # starts again from steepest descent with the memory forgotten
+    assert torch.equal(problem.x.detach(), x_k)
     # training continues and converges, with no further failure on the way
     assert problem.steps_to_converge(max_steps=60) is not None
     assert opt.recoveries == 1
@@ -205,11 +204,14 @@ def test_recovery_log_is_bounded_and_round_trips(quadratic_problem) -> None:
 
 
 @pytest.mark.parametrize("policy", ["armijo", "strong_wolfe"])
-def test_line_search_failure_at_the_optimum_stays_near_it(quadratic_problem, policy: str) -> None:
+def test_at_the_optimum_rounding_is_not_a_failure_and_x_stays(quadratic_problem, policy: str) -> None:
+    """With no gradient tolerance the iteration runs on at the optimum, where f cannot decrease any more
+    in float64: a loss change at the rounding level of f is not a failed search, and x stays near x*."""
     problem = PoisonedProblem(quadratic_problem, line_search=policy, tolerance_grad=0.0)
     for _ in range(80):
         problem.step()
-        if problem.opt.line_search_failures:
-            break
-    assert problem.opt.line_search_failures == 1  # f cannot decrease any more in float64
-    assert (problem.x.detach() - problem.x_star).norm() < 1e-6
+    for _ in range(40):
+        problem.step()
+        assert (problem.x.detach() - problem.x_star).norm() < 1e-6
+    if policy == "armijo":  # Armijo tests f alone; strong Wolfe's curvature test can still fail on noise
+        assert problem.opt.line_search_failures == 0

@@ -382,7 +382,7 @@ def test_switch_state_is_in_the_state_dict() -> None:
         opt.step(closure)
     opt.end_epoch()
     opt.step(closure)
-    state = opt.state_dict()["fuse"]
+    state = opt.state_dict()["state"][0]["fuse"]
     assert (state["phase"], state["switched_at_step"], state["switched_at_epoch"]) == ("lbfgs", 4, 1)
     assert state["switch_reason"] == opt.switch_reason and "epoch" in state["switch_reason"]
     x2 = x.detach().clone().requires_grad_()
