@@ -771,10 +771,12 @@ def _export_global_state(optimizer: _AdamLBFGSBase, state_dict: dict[str, Any]) 
     """State-dict post-hook: the global state goes into the first parameter's state, under ``"fuse"``.
 
     There, rather than beside ``"state"`` and ``"param_groups"``, it survives tools that keep only those
-    two keys (``torch.distributed.checkpoint``'s ``get/set_optimizer_state_dict``).
+    two keys (``torch.distributed.checkpoint``'s ``get/set_optimizer_state_dict``). Every parameter gets
+    an entry, empty where it has no Adam state (the L-BFGS phase keeps none per parameter), because
+    that checkpointer refuses to load a trainable parameter without one.
     """
-    state = dict(state_dict["state"])
-    state[0] = {**state.get(0, {}), GLOBAL_STATE_KEY: optimizer._global_state()}
+    state = {index: state_dict["state"].get(index, {}) for index in range(len(optimizer._all_params()))}
+    state[0] = {**state[0], GLOBAL_STATE_KEY: optimizer._global_state()}
     state_dict["state"] = state
 
 
@@ -787,9 +789,12 @@ def _import_global_state(optimizer: _AdamLBFGSBase, state_dict: dict[str, Any]) 
     state_dict = dict(state_dict)
     state = {k: dict(v) for k, v in state_dict["state"].items()}
     global_state = state_dict.pop(GLOBAL_STATE_KEY, None)
-    if GLOBAL_STATE_KEY in state.get(0, {}):
-        global_state = state[0].pop(GLOBAL_STATE_KEY)
-    for group in state_dict["param_groups"]:
+    groups = state_dict["param_groups"]
+    # the first parameter's key: 0 in torch's own layout, its name in torch.distributed.checkpoint's
+    first = groups[0]["params"][0] if groups and groups[0]["params"] else 0
+    if GLOBAL_STATE_KEY in state.get(first, {}):
+        global_state = state[first].pop(GLOBAL_STATE_KEY)
+    for group in groups:
         _refuse_unsupported({k: v for k, v in group.items() if k in _UNSUPPORTED})
     if global_state is not None:
         optimizer._check_global_state(global_state)
