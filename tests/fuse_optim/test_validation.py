@@ -140,3 +140,16 @@ def test_lbfgs_phase_needs_a_closure() -> None:
     opt.step()  # the Adam step accepts precomputed gradients
     with pytest.raises(RuntimeError, match="closure"):
         opt.step()
+
+
+def test_step_without_closure_raises_before_anything_moves_when_the_criterion_reads_the_loss() -> None:
+    """``loss.backward(); opt.step()`` with the default (loss-change) criterion: one line, nothing changed."""
+    x = torch.ones(3, requires_grad=True)
+    opt = FusePV([x])
+    (x**2).sum().backward()
+    before = x.detach().clone()
+    with pytest.raises(RuntimeError, match="'loss_change' switch criterion reads it"):
+        opt.step()
+    assert torch.equal(x.detach(), before) and opt.step_count == 0 and "step" not in opt.state[x]
+    FusePV([x], switch={"criterion": "epoch", "epoch": 3}).step()  # a criterion that needs no loss: Adam's way
+    assert not torch.equal(x.detach(), before)
