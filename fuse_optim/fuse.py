@@ -285,6 +285,9 @@ class _AdamLBFGSBase(Optimizer):
         self.line_search_failures = 0
         self.recovery_log: list[tuple[int, str]] = []
         self.last_step_info: StepInfo | None = None
+        if isinstance(params, (set, frozenset)):
+            raise TypeError("params must be an ordered collection (a list or a generator), not a set: the L-BFGS "
+                            "phase's vector and the state dict follow the parameters' order")
         super().__init__(params, defaults)
         if fused:
             for p in self._all_params():
@@ -775,8 +778,11 @@ def _export_global_state(optimizer: _AdamLBFGSBase, state_dict: dict[str, Any]) 
     an entry, empty where it has no Adam state (the L-BFGS phase keeps none per parameter), because
     that checkpointer refuses to load a trainable parameter without one.
     """
-    state = {index: state_dict["state"].get(index, {}) for index in range(len(optimizer._all_params()))}
+    count = len(optimizer._all_params())
+    state = {index: state_dict["state"].get(index, {}) for index in range(count)}
     state[0] = {**state[0], GLOBAL_STATE_KEY: optimizer._global_state()}
+    # keys that are not parameter indices (put there by users' hooks) stay as they are
+    state.update((k, v) for k, v in state_dict["state"].items() if not (isinstance(k, int) and 0 <= k < count))
     state_dict["state"] = state
 
 
