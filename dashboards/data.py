@@ -1,12 +1,13 @@
 """MLflow runs of a study -> one tidy, long pandas table (one row per trial x seed x epoch x metric).
 
-What ``fuse-tune run`` logs (see ``fuse_tune/tracking.py`` and ``fuse_tune/optuna_backend.py``): the MLflow
-experiment is named after the study; its *parent* run is tagged ``fuse.role=study`` and holds the study's
-settings as params (``objective``, ``seeds``, ``epochs``, ...); each trial is a *child* run tagged
-``fuse.role=trial`` and ``mlflow.parentRunId``, with tags ``fuse.trial``, ``fuse.criterion``, ``fuse.state``
-(complete | pruned | failed), ``fuse.switch_epoch`` ("2,none": one entry per seed of ``fuse.seeds``),
-``fuse.workload``, ``fuse.optimizer``; its params are the flattened trial settings (``lr``,
-``switch.criterion``, ...) and its per-epoch metrics ``<metric>/seed_<s>`` with ``step`` = the epoch.
+What ``fuse-tune run`` logs is named in :mod:`fuse_tune.records` (the trackers write through it, this module
+reads through it): the MLflow experiment is named after the study; its *parent* run is tagged
+``Tags.ROLE = study`` and holds the study's settings as params (``StudyParams.OBJECTIVE``, ``SEEDS``, ...);
+each trial is a *child* run tagged ``Tags.ROLE = trial`` and ``mlflow.parentRunId``, with the tags
+``Tags.TRIAL``, ``CRITERION``, ``STATE`` (complete | pruned | failed), ``SWITCH_EPOCH`` (``2,none``: one entry
+per seed of ``Tags.SEEDS``, :func:`fuse_tune.records.decode_switch_epochs`), ``WORKLOAD``, ``OPTIMIZER``; its
+params are the flattened trial settings (``lr``, ``switch.criterion``, ...) and its per-epoch metrics
+``<metric>/seed_<s>`` (:func:`fuse_tune.records.per_seed_key`) with ``step`` = the epoch.
 
 Reading is split from shaping, as Optuna's plots split data from drawing: :func:`read_experiment` does the
 I/O through ``MlflowClient`` (``search_runs`` and ``get_metric_history``) and returns plain data
@@ -21,8 +22,8 @@ The tidy table (:data:`COLUMNS`, then one ``param.<name>`` column per trial para
 ``variant``               a readable name, ``fuse_pv[switch.criterion=grad_norm,switch.zeta=0.01]``: the
                           optimizer and the parameters that differ between the study's trials (3 significant
                           digits; more when 3 would make two different configurations look alike)
-``workload``              ``fuse.workload`` tag
-``optimizer``             ``fuse.optimizer`` tag
+``workload``              the ``Tags.WORKLOAD`` tag
+``optimizer``             the ``Tags.OPTIMIZER`` tag
 ``objective``             the study's objective metric (the parent run's ``objective`` param)
 ``seed``                  the training seed (int)
 ``epoch``                 the MLflow step: the 0-based epoch whose end the value measures (int)
@@ -32,7 +33,7 @@ The tidy table (:data:`COLUMNS`, then one ``param.<name>`` column per trial para
                           (``lbfgs`` for fuse_pv, ``sgd`` for adam_sgd, ``second`` otherwise); from the
                           ``phase_second`` metric, None where that was not logged
 ``switch_epoch``          epochs completed when this (trial, seed) switched (float; NaN: never switched)
-``criterion``             ``fuse.criterion`` tag (the switch criterion; "" for optimizers without one)
+``criterion``             the ``Tags.CRITERION`` tag (the switch criterion; "" for optimizers without one)
 ``state``                 ``complete``, ``pruned``, ``failed``, or ``running`` / ``unknown`` without a tag
 ``param.<name>``          each trial parameter; numbers as floats, anything else as text
 ========================  ====================================================================================
@@ -42,19 +43,40 @@ plain metric names are derivable from them, and the per-trial summaries (``objec
 ``epochs_run``, ...) are in :func:`trial_table`. A pruned trial has rows up to the epoch it was pruned at
 (often for its first seed only).
 
-mlflow and pandas are imported here, never torch.
+mlflow and pandas are imported here, never torch (:mod:`fuse_tune.records` is standard library only).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
+
+from fuse_tune.records import (
+    FIRST_PHASE,
+    PER_SEED_METRICS,
+    ROLE_STUDY,
+    ROLE_TRIAL,
+    STATE_FAILED,
+    SWITCH_PARAM_PREFIX,
+    THETA_PARAM_PREFIX,
+    Metrics,
+    StudyParams,
+    Tags,
+    decode_switch_epochs,
+    objective_key,
+    objective_std_key,
+    parse_per_seed_key,
+    per_seed_key,
+    redact,
+    second_phase_name,
+    tag_equals,
+)
+from fuse_tune.records import direction as objective_direction
 
 __all__ = ["COLUMNS", "PER_SEED_METRICS", "NoRuns", "TrialRun", "StudyRuns", "read_experiment", "read_experiments",
            "tidy", "trial_table", "variant_name", "objective_direction", "second_phase_name"]
@@ -63,30 +85,14 @@ __all__ = ["COLUMNS", "PER_SEED_METRICS", "NoRuns", "TrialRun", "StudyRuns", "re
 COLUMNS = ("study", "trial", "run_id", "variant", "workload", "optimizer", "objective", "seed", "epoch", "metric",
            "value", "phase", "switch_epoch", "criterion", "state")
 
-#: per-epoch metrics the trainer logs per seed (``gap`` on test functions only, ``test_*`` on data sets only,
-#: ``switch_epoch`` from the epoch the switch happened in on)
-PER_SEED_METRICS = ("train_loss", "batch_loss", "test_loss", "test_accuracy", "grad_sq_norm", "wall_time",
-                    "grad_evals", "samples", "batch_size", "gap", "phase_second", "switch_epoch")
+# PER_SEED_METRICS (the per-epoch metrics logged per seed), objective_direction (maximize | minimize of a metric)
+# and second_phase_name (what phase_second = 1 means) come from fuse_tune.records and are exported from here too.
 
-_PER_SEED_KEY = re.compile(r"^(?P<metric>.+)/seed_(?P<seed>\d+)$")
-_DIRECTIONS = {"test_accuracy": "maximize", "train_loss": "minimize", "time_to_target": "minimize"}
-_SECOND_PHASE = {"fuse_pv": "lbfgs", "adam_sgd": "sgd"}
+_NO_STATE = {"RUNNING": "running", "SCHEDULED": "running", "FAILED": STATE_FAILED, "KILLED": STATE_FAILED}
 
 
 class NoRuns(ValueError):
     """The experiment does not exist, or holds no trial runs."""
-
-
-def objective_direction(metric: str | None) -> str:
-    """``maximize`` for accuracies, ``minimize`` for losses, gaps, times and counts."""
-    if metric in _DIRECTIONS:
-        return _DIRECTIONS[metric]
-    return "maximize" if metric and "accuracy" in metric else "minimize"
-
-
-def second_phase_name(optimizer: str | None) -> str:
-    """The name of an optimizer's phase after the switch (``phase_second = 1``)."""
-    return _SECOND_PHASE.get(optimizer or "", "second")
 
 
 @dataclass
@@ -107,33 +113,30 @@ class TrialRun:
 
     @property
     def state(self) -> str:
-        if "fuse.state" in self.tags:
-            return self.tags["fuse.state"]
-        return {"RUNNING": "running", "SCHEDULED": "running", "FAILED": "failed", "KILLED": "failed"}.get(
-            self.status, "unknown")
+        if Tags.STATE in self.tags:
+            return self.tags[Tags.STATE]
+        return _NO_STATE.get(self.status, "unknown")
 
     @property
     def seeds(self) -> list[int]:
-        """Seeds from ``fuse.seeds``, else those with logged metrics."""
-        text = self.tags.get("fuse.seeds", "")
+        """Seeds from the ``Tags.SEEDS`` tag, else those with logged metrics."""
+        text = self.tags.get(Tags.SEEDS, "")
         if text.strip():
             return [int(s) for s in text.split(",") if s.strip()]
-        return sorted({int(m["seed"]) for key in self.history if (m := _PER_SEED_KEY.match(key))})
+        return sorted({parsed[1] for key in self.history if (parsed := parse_per_seed_key(key))})
 
     def switch_epochs(self) -> dict[int, float]:
-        """Seed -> epochs completed at the switch (NaN: none). From the ``fuse.switch_epoch`` tag of a finished
+        """Seed -> epochs completed at the switch (NaN: none). From the ``Tags.SWITCH_EPOCH`` tag of a finished
         trial, else from the last logged ``switch_epoch/seed_<s>`` value (pruned and failed trials)."""
         seeds = self.seeds
         found: dict[int, float] = {seed: math.nan for seed in seeds}
-        text = self.tags.get("fuse.switch_epoch")
-        if text:
-            entries = text.split(",")
-            if len(entries) == len(seeds):
-                for seed, entry in zip(seeds, entries, strict=True):
-                    found[seed] = math.nan if entry.strip() in ("none", "-", "") else float(entry)
-                return found
+        epochs = decode_switch_epochs(self.tags.get(Tags.SWITCH_EPOCH))
+        if epochs and len(epochs) == len(seeds):
+            for seed, epoch in zip(seeds, epochs, strict=True):
+                found[seed] = math.nan if epoch is None else float(epoch)
+            return found
         for seed in seeds:
-            entries = self.history.get(f"switch_epoch/seed_{seed}")
+            entries = self.history.get(per_seed_key(Metrics.SWITCH_EPOCH, seed))
             if entries:
                 found[seed] = float(max(entries, key=lambda e: e[0])[1])
         return found
@@ -153,12 +156,12 @@ class StudyRuns:
 
     @property
     def study(self) -> str:
-        return self.parent_tags.get("fuse.study") or self.experiment
+        return self.parent_tags.get(Tags.STUDY) or self.experiment
 
     @property
     def objective(self) -> str | None:
-        """The study's objective metric (the parent's ``objective`` param)."""
-        return self.parent_params.get("objective")
+        """The study's objective metric (the parent's ``StudyParams.OBJECTIVE`` param)."""
+        return self.parent_params.get(StudyParams.OBJECTIVE)
 
     @property
     def direction(self) -> str:
@@ -166,8 +169,8 @@ class StudyRuns:
 
     @property
     def storage(self) -> str | None:
-        """The Optuna storage URL the study was run with (``fuse.storage`` tag; passwords redacted)."""
-        return self.parent_tags.get("fuse.storage")
+        """The Optuna storage URL the study was run with (``Tags.STORAGE`` tag; passwords redacted)."""
+        return self.parent_tags.get(Tags.STORAGE)
 
 
 # ------------------------------------------------------------------ reading (I/O)
@@ -201,19 +204,17 @@ def read_experiment(experiment: str, tracking_uri: str | None = None, *, client:
     per-seed metric key of every trial (in 4 threads against an HTTP tracking server). Raises
     :class:`NoRuns` (one line) when the experiment does not exist or has no trial runs.
     """
-    from fuse_tune.tracking import redact
-
     client = _client(tracking_uri, client)
     uri = str(getattr(client, "tracking_uri", None) or tracking_uri or "")
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise NoRuns(f"no MLflow experiment named {experiment!r} in {redact(uri)}")
-    parents = _search_all(client, found.experiment_id, "tags.`fuse.role` = 'study'")
-    trials = _search_all(client, found.experiment_id, "tags.`fuse.role` = 'trial'")
+    parents = _search_all(client, found.experiment_id, tag_equals(Tags.ROLE, ROLE_STUDY))
+    trials = _search_all(client, found.experiment_id, tag_equals(Tags.ROLE, ROLE_TRIAL))
     if not trials:
         raise NoRuns(f"experiment {experiment!r} has no trial runs in {redact(uri)}")
     parent = parents[0] if parents else None
-    keys = [(run.info.run_id, key) for run in trials for key in run.data.metrics if _PER_SEED_KEY.match(key)]
+    keys = [(run.info.run_id, key) for run in trials for key in run.data.metrics if parse_per_seed_key(key)]
 
     def history(item: tuple[str, str]) -> list[tuple[int, float]]:
         return [(int(m.step), float(m.value)) for m in client.get_metric_history(item[0], item[1])]
@@ -231,9 +232,9 @@ def read_experiment(experiment: str, tracking_uri: str | None = None, *, client:
     for run in trials:
         tags = dict(run.data.tags)
         trial_runs.append(TrialRun(
-            run_id=run.info.run_id, trial=int(tags.get("fuse.trial", -1)), status=run.info.status, tags=tags,
+            run_id=run.info.run_id, trial=int(tags.get(Tags.TRIAL, -1)), status=run.info.status, tags=tags,
             params=dict(run.data.params),
-            summary={k: float(v) for k, v in run.data.metrics.items() if not _PER_SEED_KEY.match(k)},
+            summary={k: float(v) for k, v in run.data.metrics.items() if not parse_per_seed_key(k)},
             history=by_run.get(run.info.run_id, {})))
     trial_runs.sort(key=lambda t: (t.trial, t.run_id))
     return StudyRuns(experiment=experiment, experiment_id=found.experiment_id, tracking_uri=uri,
@@ -264,8 +265,11 @@ def _format(value: str, digits: int | None) -> str:
     return f"{number:.{digits}g}"
 
 
+_FIRST_PREFIXES = (SWITCH_PARAM_PREFIX, THETA_PARAM_PREFIX)  # the settings a variant's name shows first
+
+
 def _key_order(name: str) -> tuple[int, str]:
-    return (0 if name.startswith(("switch.", "theta.")) else 1, name)
+    return (0 if name.startswith(_FIRST_PREFIXES) else 1, name)
 
 
 def variant_name(optimizer: str, params: Mapping[str, str], keys: Iterable[str] | None = None,
@@ -284,10 +288,10 @@ def _variants(trials: Sequence[TrialRun]) -> dict[str, str]:
     all_keys = sorted({k for t in trials for k in t.params})
     varying = [k for k in all_keys if len({t.params.get(k) for t in trials}) > 1]
     if not varying:  # one trial, or identical ones: name the switch / theta settings if any
-        varying = [k for k in all_keys if k.startswith(("switch.", "theta."))]
+        varying = [k for k in all_keys if k.startswith(_FIRST_PREFIXES)]
     configurations = {tuple(t.params.get(k) for k in varying) for t in trials}
     for digits in (3, 6, None):
-        names = {t.run_id: variant_name(t.tags.get("fuse.optimizer", "?"), t.params, varying, digits)
+        names = {t.run_id: variant_name(t.tags.get(Tags.OPTIMIZER, "?"), t.params, varying, digits)
                  for t in trials}
         if len(set(names.values())) >= len(configurations):
             return names
@@ -317,26 +321,26 @@ def tidy(studies: StudyRuns | Sequence[StudyRuns]) -> pd.DataFrame:
     for study in studies:
         variants = _variants(study.trials)
         for trial in study.trials:
-            optimizer = trial.tags.get("fuse.optimizer", "")
+            optimizer = trial.tags.get(Tags.OPTIMIZER, "")
             second = second_phase_name(optimizer)
             switch = trial.switch_epochs()
             phases: dict[tuple[int, int], str] = {}
             for key, entries in trial.history.items():
-                match = _PER_SEED_KEY.match(key)
-                if match and match["metric"] == "phase_second":
+                parsed = parse_per_seed_key(key)
+                if parsed and parsed[0] == Metrics.PHASE_SECOND:
                     for step, value in entries:
-                        phases[(int(match["seed"]), step)] = "adam" if value == 0 else second
+                        phases[(parsed[1], step)] = FIRST_PHASE if value == 0 else second
             params = {f"param.{k}": v for k, v in trial.params.items()}
             for key in sorted(trial.history):
-                match = _PER_SEED_KEY.match(key)
-                if not match:
+                parsed = parse_per_seed_key(key)
+                if not parsed:
                     continue
-                metric, seed = match["metric"], int(match["seed"])
+                metric, seed = parsed
                 for step, value in trial.history[key]:
                     records.append((study.study, trial.trial, trial.run_id, variants[trial.run_id],
-                                    trial.tags.get("fuse.workload", ""), optimizer, study.objective, seed, step,
+                                    trial.tags.get(Tags.WORKLOAD, ""), optimizer, study.objective, seed, step,
                                     metric, value, phases.get((seed, step)), switch.get(seed, math.nan),
-                                    trial.tags.get("fuse.criterion", ""), trial.state))
+                                    trial.tags.get(Tags.CRITERION, ""), trial.state))
                     param_rows.append(params)
     frame = pd.DataFrame.from_records(records, columns=list(COLUMNS))
     params = pd.DataFrame.from_records(param_rows, index=frame.index) if param_rows else pd.DataFrame(index=frame.index)
@@ -359,15 +363,15 @@ def trial_table(studies: StudyRuns | Sequence[StudyRuns]) -> pd.DataFrame:
         metric = study.objective
         for trial in study.trials:
             row = {"study": study.study, "trial": trial.trial, "run_id": trial.run_id,
-                   "variant": variants[trial.run_id], "workload": trial.tags.get("fuse.workload", ""),
-                   "optimizer": trial.tags.get("fuse.optimizer", ""), "criterion": trial.tags.get("fuse.criterion", ""),
-                   "state": trial.state, "seeds": trial.tags.get("fuse.seeds", ""),
-                   "switch_epochs": trial.tags.get("fuse.switch_epoch", ""),
-                   "switch_reason": trial.tags.get("fuse.switch_reason", ""), "objective": metric,
+                   "variant": variants[trial.run_id], "workload": trial.tags.get(Tags.WORKLOAD, ""),
+                   "optimizer": trial.tags.get(Tags.OPTIMIZER, ""), "criterion": trial.tags.get(Tags.CRITERION, ""),
+                   "state": trial.state, "seeds": trial.tags.get(Tags.SEEDS, ""),
+                   "switch_epochs": trial.tags.get(Tags.SWITCH_EPOCH, ""),
+                   "switch_reason": trial.tags.get(Tags.SWITCH_REASON, ""), "objective": metric,
                    "direction": study.direction,
-                   "value": trial.summary.get(f"objective.{metric}", math.nan),
-                   "std": trial.summary.get(f"objective.{metric}.std", math.nan),
-                   "epochs_run": trial.summary.get("epochs_run", math.nan)}
+                   "value": trial.summary.get(objective_key(metric), math.nan),
+                   "std": trial.summary.get(objective_std_key(metric), math.nan),
+                   "epochs_run": trial.summary.get(Metrics.EPOCHS_RUN, math.nan)}
             row.update({f"param.{k}": v for k, v in trial.params.items()})
             rows.append(row)
     frame = pd.DataFrame(rows)

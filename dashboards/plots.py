@@ -40,12 +40,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fuse_tune.records import Metrics
+
 __all__ = ["Plot", "plot_sensitivity", "plot_seed_variance", "plot_learning_curves", "plot_landscape",
            "plot_theta_schedules", "plot_history_batch", "plot_importance", "plot_switch_ecdf",
            "plot_performance_profile", "RENDERERS"]
 
-_LABELS = {"test_accuracy": "test accuracy", "train_loss": "training loss", "test_loss": "test loss",
-           "gap": "f(x) - f*", "grad_sq_norm": "mean ||g||^2"}
+#: axis labels of the recorded metrics (others are labelled by their name)
+_LABELS = {Metrics.TEST_ACCURACY: "test accuracy", Metrics.TRAIN_LOSS: "training loss", Metrics.TEST_LOSS: "test loss",
+           Metrics.GAP: "f(x) - f*", Metrics.GRAD_SQ_NORM: "mean ||g||^2"}
 
 
 @dataclass
@@ -380,7 +383,7 @@ def plot_performance_profile(table: pd.DataFrame) -> Plot:
 
 def _log_y_if_spread(ax: Any, values: pd.Series, metric: str) -> None:
     """Log y for losses and gaps that are positive and span more than two decades."""
-    if ("loss" in metric or metric == "gap") and (values > 0).all() and values.max() > 100 * values.min():
+    if ("loss" in metric or metric == Metrics.GAP) and (values > 0).all() and values.max() > 100 * values.min():
         ax.set_yscale("log")
 
 

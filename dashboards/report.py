@@ -7,7 +7,7 @@ one-line reason goes into ``Report.skipped`` and the page. The HTML embeds its i
 network, script or stylesheet from anywhere else.
 
 The best-configuration table comes from the trials' logged objective and is checked against the Optuna study's
-``best_trial`` when the study's storage can be opened (``storage=`` or the parent run's ``fuse.storage`` tag).
+``best_trial`` when the study's storage can be opened (``storage=`` or the parent run's ``Tags.STORAGE`` tag).
 Optuna is opened here without ``fuse_tune.optuna_backend`` (which imports torch): ``journal:PATH`` and
 database URLs only, and a journal file that does not exist is reported, never created.
 """
@@ -27,6 +27,7 @@ import pandas as pd
 from dashboards import tables
 from dashboards.data import NoRuns, StudyRuns, read_experiments, tidy, trial_table
 from dashboards.plots import RENDERERS, Plot, plot_importance, plot_landscape
+from fuse_tune.records import REPORT_ARTIFACT_DIR, ROLE_STUDY, Metrics, Tags, redact
 
 __all__ = ["Report", "build_report", "open_optuna_study", "render_html", "NoRuns"]
 
@@ -90,8 +91,6 @@ def open_optuna_study(name: str, storage: str | None) -> tuple[Any | None, str |
     except KeyError:
         return None, f"no study named {name!r} in the Optuna storage"
     except Exception as exc:  # unreachable database, bad URL, missing driver
-        from fuse_tune.tracking import redact
-
         return None, f"cannot open the Optuna storage ({type(exc).__name__}: {redact(str(exc).splitlines()[0])})"
 
 
@@ -146,7 +145,7 @@ def build_report(experiments: Sequence[str], *, tracking_uri: str | None = None,
     if landscapes is not None:
         # Test-function workloads are the ones whose runs log the gap f(x) - f*; the provider (which imports
         # torch) is called only when there are some.
-        functions = sorted(table.loc[table["metric"] == "gap", "workload"].unique()) if len(table) else []
+        functions = sorted(table.loc[table["metric"] == Metrics.GAP, "workload"].unique()) if len(table) else []
         drawn = [plot_landscape(landscape) for landscape in landscapes(functions)] if functions else []
         plots.extend(drawn)
         if not drawn:
@@ -171,10 +170,10 @@ def build_report(experiments: Sequence[str], *, tracking_uri: str | None = None,
     if log_artifacts:
         for study in studies:
             if study.parent_run_id is None:
-                report.notes.append(f"{study.study}: no parent run (fuse.role=study) to log the report on")
+                report.notes.append(f"{study.study}: no parent run ({Tags.ROLE}={ROLE_STUDY}) to log the report on")
                 continue
             for path in files:
-                client.log_artifact(study.parent_run_id, str(path), artifact_path="report")
+                client.log_artifact(study.parent_run_id, str(path), artifact_path=REPORT_ARTIFACT_DIR)
             report.artifact_runs.append(study.parent_run_id)
     return report
 
@@ -225,8 +224,8 @@ def _counts_html(studies: Sequence[StudyRuns]) -> str:
         counts: dict[str, int] = {}
         for trial in study.trials:
             counts[trial.state] = counts.get(trial.state, 0) + 1
-        workload = study.parent_tags.get("fuse.workload", "")
-        optimizer = study.parent_tags.get("fuse.optimizer", "")
+        workload = study.parent_tags.get(Tags.WORKLOAD, "")
+        optimizer = study.parent_tags.get(Tags.OPTIMIZER, "")
         rows.append(f"<tr><td>{_esc(study.study)}</td><td>{_esc(workload)}</td><td>{_esc(optimizer)}</td>"
                     f"<td>{_esc(study.objective)} ({_esc(study.direction)})</td>"
                     f"<td>{_esc(', '.join(f'{k} {v}' for k, v in sorted(counts.items())))}</td>"
@@ -239,8 +238,6 @@ def render_html(studies: Sequence[StudyRuns], plots: Sequence[Plot], best: pd.Da
                 notes: Sequence[str], out_dir: Path, tracking_uri: str) -> str:
     """The report page: studies, best configurations, every drawn plot (embedded PNG, SVG linked), and the
     plots not drawn with their reasons. Reads the PNG files :meth:`Plot.save` wrote into ``out_dir``."""
-    from fuse_tune.tracking import redact
-
     names = ", ".join(s.study for s in studies)
     figures = []
     for plot in plots:

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dashboards.data import objective_direction
+from fuse_tune.records import MAXIMIZE, STATE_COMPLETE, Metrics
+from fuse_tune.records import direction as objective_direction
 
 __all__ = ["THRESHOLDS", "empty", "objective_of", "final_values", "sensitivity_table", "seed_variance_table",
            "learning_curve_table", "theta_schedule_table", "history_batch_table", "switch_ecdf_table",
@@ -57,12 +58,12 @@ def objective_of(table: pd.DataFrame) -> str:
     ``time_to_target`` is not one, so those studies are drawn with ``train_loss``. An objective no run logged
     is still returned, so that the plots needing it say so instead of drawing something else."""
     for name in table["objective"].dropna().unique() if "objective" in table else []:
-        if name != "time_to_target":
+        if name != Metrics.TIME_TO_TARGET:
             return str(name)
-    return "train_loss"
+    return Metrics.TRAIN_LOSS
 
 
-def _metric_rows(table: pd.DataFrame, metric: str, states: Sequence[str] | None = ("complete",)
+def _metric_rows(table: pd.DataFrame, metric: str, states: Sequence[str] | None = (STATE_COMPLETE,)
                  ) -> tuple[pd.DataFrame, str | None]:
     """Rows of ``metric`` (of trials in ``states``), or an empty frame and the reason."""
     if table.empty:
@@ -82,7 +83,7 @@ def _metric_rows(table: pd.DataFrame, metric: str, states: Sequence[str] | None 
 
 
 def final_values(table: pd.DataFrame, metric: str | None = None,
-                 states: Sequence[str] | None = ("complete",)) -> pd.DataFrame:
+                 states: Sequence[str] | None = (STATE_COMPLETE,)) -> pd.DataFrame:
     """One row per (trial, seed): the value of ``metric`` at the last logged epoch (``final_epoch``), with the
     identity columns (study ... switch_epoch) and the ``param.*`` columns."""
     metric = metric or objective_of(table)
@@ -102,7 +103,7 @@ def _direction(table: pd.DataFrame, metric: str) -> str:
 
 def _rank_variants(finals: pd.DataFrame, metric: str, by: Sequence[str] = ("study",)) -> pd.DataFrame:
     """Per (``by``, variant): mean and std over seeds, rank 1 = best mean for the metric's direction."""
-    maximize = _direction(finals, metric) == "maximize"
+    maximize = _direction(finals, metric) == MAXIMIZE
     stats = finals.groupby([*by, "variant"], sort=False).agg(mean=("value", "mean"), trial=("trial", "min"))
     stats = stats.reset_index()
     stats["key"] = -stats["mean"] if maximize else stats["mean"]
@@ -167,7 +168,7 @@ def seed_variance_table(table: pd.DataFrame, metric: str | None = None, top: int
     return out
 
 
-def learning_curve_table(table: pd.DataFrame, metrics: Sequence[str] = ("train_loss", "test_accuracy"),
+def learning_curve_table(table: pd.DataFrame, metrics: Sequence[str] = (Metrics.TRAIN_LOSS, Metrics.TEST_ACCURACY),
                          top: int = 4, rank_metric: str | None = None) -> pd.DataFrame:
     """Per-epoch ``metrics`` of the ``top`` complete variants of each study (ranked by final ``rank_metric``,
     the objective by default). Columns: study, variant, trial, seed, metric, epochs_completed, value,
@@ -185,7 +186,8 @@ def learning_curve_table(table: pd.DataFrame, metrics: Sequence[str] = ("train_l
         return empty(f"{', '.join(metrics)}: not logged by any run of {_studies(table)}")
     ranks = _rank_variants(finals, rank_metric)
     keep = ranks[ranks["rank"] <= top][["study", "variant", "rank"]]
-    rows = table[table["metric"].isin(present) & (table["state"] == "complete")].merge(keep, on=["study", "variant"])
+    complete = table[table["metric"].isin(present) & (table["state"] == STATE_COMPLETE)]
+    rows = complete.merge(keep, on=["study", "variant"])
     out = rows[["study", "variant", "trial", "seed", "metric", "epoch", "value", "switch_epoch", "phase", "rank"]]
     out = out.rename(columns={"epoch": "epochs_completed"}).copy()
     out["epochs_completed"] = out["epochs_completed"] + 1
@@ -212,7 +214,7 @@ def theta_schedule_table(table: pd.DataFrame, metric: str | None = None) -> pd.D
     last = out.groupby(["trial", "study", "seed"])["epochs_completed"].transform("max")
     out["final"] = out["epochs_completed"] == last
     means = out[out["final"]].groupby(["study", "schedule", "trial"])["value"].mean().reset_index()
-    maximize = _direction(out, metric) == "maximize"
+    maximize = _direction(out, metric) == MAXIMIZE
     means = means.sort_values(["study", "schedule", "value", "trial"], ascending=[True, True, not maximize, True])
     best = means.groupby(["study", "schedule"]).head(1)[["study", "trial"]]
     out["best"] = out.set_index(["study", "trial"]).index.isin(best.set_index(["study", "trial"]).index)
@@ -250,7 +252,7 @@ def switch_ecdf_table(table: pd.DataFrame) -> pd.DataFrame:
     fraction, n_switched, n_runs."""
     if table.empty:
         return empty(f"no per-epoch metrics in {_studies(table)}")
-    runs = table[(table["state"] == "complete") & (table["criterion"] != "")].drop_duplicates(["run_id", "seed"])
+    runs = table[(table["state"] == STATE_COMPLETE) & (table["criterion"] != "")].drop_duplicates(["run_id", "seed"])
     if runs.empty:
         return empty(f"no complete trial of {_studies(table)} has a switch criterion")
     parts = []
@@ -286,7 +288,7 @@ def performance_profile_table(table: pd.DataFrame, by: str | None = None) -> pd.
             reasons.append(finals.attrs["reason"])
             continue
         finals = finals.assign(solver=finals[by].where(finals[by] != "", finals["optimizer"]))
-        maximize = objective_direction(metric) == "maximize"
+        maximize = objective_direction(metric) == MAXIMIZE
         ranks = _rank_variants(finals, metric, by=("solver",))
         best = ranks[ranks["rank"] == 1][["solver", "variant"]]
         chosen = finals.merge(best, on=["solver", "variant"])
@@ -353,10 +355,10 @@ def best_configurations(trials: pd.DataFrame, optuna_best: Mapping[str, Any] | N
     optuna_best = optuna_best or {}
     rows = []
     for study, group in trials.groupby("study", sort=True):
-        complete = group[(group["state"] == "complete") & group["value"].notna()]
+        complete = group[(group["state"] == STATE_COMPLETE) & group["value"].notna()]
         if complete.empty:
             continue
-        maximize = complete["direction"].iloc[0] == "maximize"
+        maximize = complete["direction"].iloc[0] == MAXIMIZE
         ordered = complete.sort_values(["value", "trial"], ascending=[not maximize, True])
         best = ordered.iloc[0]
         reference = optuna_best.get(study)
@@ -389,8 +391,8 @@ def _short(value: Any) -> str:
 
 
 #: the comparison table's measured columns: (metric, column name, digits)
-COMPARISON_METRICS = (("test_accuracy", "test accuracy", 4), ("train_loss", "final train loss", 4),
-                      ("grad_evals", "gradient evaluations", 0), ("wall_time", "train wall time (s)", 1))
+COMPARISON_METRICS = ((Metrics.TEST_ACCURACY, "test accuracy", 4), (Metrics.TRAIN_LOSS, "final train loss", 4),
+                      (Metrics.GRAD_EVALS, "gradient evaluations", 0), (Metrics.WALL_TIME, "train wall time (s)", 1))
 
 
 def comparison_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -402,7 +404,7 @@ def comparison_table(table: pd.DataFrame) -> pd.DataFrame:
     first."""
     if table.empty:
         return empty(f"no per-epoch metrics in {_studies(table)}")
-    complete = table[table["state"] == "complete"]
+    complete = table[table["state"] == STATE_COMPLETE]
     if complete.empty:
         return empty(f"no complete rerun in {_studies(table)}")
     latest = complete.groupby("optimizer")["trial"].transform("max")
@@ -415,7 +417,7 @@ def comparison_table(table: pd.DataFrame) -> pd.DataFrame:
             values = finals["value"].to_numpy(dtype=float) if not finals.empty else np.array([])
             row[f"{metric}.mean"] = float(np.mean(values)) if values.size else np.nan
             row[f"{metric}.std"] = float(np.std(values, ddof=1)) if values.size > 1 else np.nan
-            if metric == "train_loss":
+            if metric == Metrics.TRAIN_LOSS:
                 row["seeds"] = int(values.size)
                 row["diverged"] = int((~np.isfinite(values)).sum())
         switches = part.drop_duplicates("seed")["switch_epoch"].to_numpy(dtype=float)
@@ -427,7 +429,7 @@ def comparison_table(table: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     out = pd.DataFrame(rows)
     metric = objective_of(complete)
-    ascending = objective_direction(metric) != "maximize"
+    ascending = objective_direction(metric) != MAXIMIZE
     out = out.sort_values(f"{metric}.mean", ascending=ascending, na_position="last").reset_index(drop=True)
     out.attrs["objective"] = metric
     return out
@@ -465,13 +467,13 @@ def paired_differences(table: pd.DataFrame, reference: str = "fuse_pv", metric: 
     if table.empty:
         return empty(f"no per-epoch metrics in {_studies(table)}")
     metric = metric or objective_of(table)
-    complete = table[table["state"] == "complete"]
+    complete = table[table["state"] == STATE_COMPLETE]
     latest = complete.groupby("optimizer")["trial"].transform("max")
     finals = final_values(complete[complete["trial"] == latest], metric)
     if finals.empty or reference not in set(finals["optimizer"]):
         return empty(f"{reference} has no complete run in {_studies(table)}")
     wide = finals.pivot_table(index="seed", columns="optimizer", values="value")
-    sign = 1.0 if objective_direction(metric) == "maximize" else -1.0
+    sign = 1.0 if objective_direction(metric) == MAXIMIZE else -1.0
     rows = []
     for method in wide.columns:
         if method == reference:

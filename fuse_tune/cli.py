@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from fuse_tune.records import REPORT_ARTIFACT_DIR, Metrics, redact
+
 __all__ = ["main", "parse_assignments"]
 
 
@@ -135,7 +137,7 @@ def _command_train(args: argparse.Namespace) -> int:
 def _command_run(args: argparse.Namespace, *, must_exist: bool = False) -> int:
     from fuse_tune.optuna_backend import run_study
     from fuse_tune.spec import load_spec
-    from fuse_tune.tracking import default_tracking_uri, redact
+    from fuse_tune.tracking import default_tracking_uri
 
     spec = load_spec(args.study)
     if args.backend == "ray":
@@ -178,7 +180,7 @@ def _print_summary(spec: Any, summary: Any) -> None:
 def _command_run_ray(args: argparse.Namespace, spec: Any, *, must_exist: bool) -> int:
     """``run``/``resume`` with ``--backend ray`` (see fuse_tune/ray_backend.py)."""
     from fuse_tune.ray_backend import run_ray_study
-    from fuse_tune.tracking import default_tracking_uri, redact
+    from fuse_tune.tracking import default_tracking_uri
 
     tracking = None if args.no_mlflow else (args.mlflow_uri or default_tracking_uri())
     summary = run_ray_study(spec, n_trials=args.n_trials, n_jobs=args.n_jobs, address=args.address,
@@ -198,7 +200,7 @@ def _short(value: object) -> str:
 def _command_report(args: argparse.Namespace) -> int:
     """Plots (PNG + SVG) and one HTML page from a study's MLflow runs, logged on its parent run."""
     from dashboards.report import build_report
-    from fuse_tune.tracking import default_tracking_uri, redact
+    from fuse_tune.tracking import default_tracking_uri
 
     def landscapes(workloads: Sequence[str]) -> list[dict[str, Any]]:  # torch is imported here, not in dashboards
         from fuse_tune.trajectories import TWO_D_FUNCTIONS, landscape_with_paths
@@ -219,7 +221,7 @@ def _command_report(args: argparse.Namespace) -> int:
               f"{row.checked}")
     print(f"report: {report.html_path} ({len(report.drawn)} plots)")
     if report.artifact_runs:
-        print(f"logged under report/ on run(s) {', '.join(report.artifact_runs)} in {redact(uri)}")
+        print(f"logged under {REPORT_ARTIFACT_DIR}/ on run(s) {', '.join(report.artifact_runs)} in {redact(uri)}")
     return 0
 
 
@@ -228,7 +230,7 @@ def _command_compare(args: argparse.Namespace) -> int:
     from dashboards.data import read_experiment, tidy
     from dashboards.tables import comparison_markdown, comparison_table, paired_differences, paired_markdown
     from fuse_tune.compare import run_comparison
-    from fuse_tune.tracking import default_tracking_uri, redact
+    from fuse_tune.tracking import default_tracking_uri
 
     uri = args.mlflow_uri or default_tracking_uri()
     out = Path(args.out or Path("results") / Path(args.comparison).stem)
@@ -246,7 +248,7 @@ def _command_compare(args: argparse.Namespace) -> int:
         critical = float(student_t.ppf(0.975, seeds - 1))
         paired = ("\nPaired by seed, FUSE-PV against each method (final test accuracy; t over "
                   f"{seeds} seeds, |t| > {critical:.2f} is p < 0.05 two-sided at {seeds - 1} degrees of freedom):"
-                  "\n\n" + paired_markdown(paired_differences(frame, "fuse_pv", "test_accuracy")))
+                  "\n\n" + paired_markdown(paired_differences(frame, "fuse_pv", Metrics.TEST_ACCURACY)))
     tuned = [f"- `{p.method}`: best of {comparison.tuning['trials']} trials = trial {p.best_trial} "
              f"({p.tuning_value:.6g} on tuning seeds {comparison.tuning['seeds']}); study file {p.study_path}"
              if p.tuned else f"- `{p.method}`: fixed settings, not tuned ({p.study_path})" for p in plans]

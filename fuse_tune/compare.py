@@ -49,8 +49,18 @@ from typing import Any
 import yaml
 
 from fuse_tune.optimizers import OPTIMIZERS
+from fuse_tune.records import (
+    STATE_COMPLETE,
+    STATE_FAILED,
+    Metrics,
+    StudyParams,
+    Tags,
+    flatten_params,
+    redact,
+    tag_equals,
+)
 from fuse_tune.spec import SpecError, StudySpec, _fail, _flatten, _is_int, load_spec, nest, parse_spec, read_yaml
-from fuse_tune.tracking import MlflowTracker, flatten_params, redact
+from fuse_tune.tracking import MlflowTracker
 
 __all__ = ["Comparison", "MethodPlan", "load_comparison", "method_study", "run_comparison", "ROLE_TAG"]
 
@@ -58,7 +68,7 @@ TOP_LEVEL = ("name", "description", "workload", "epochs", "data_dir", "fixed", "
              "methods")
 TUNING_KEYS = ("trials", "seeds", "sampler", "pruner")
 METHOD_KEYS = ("fixed", "search")
-ROLE_TAG = "fuse.comparison"  # tag on the rerun runs: the comparison's name
+ROLE_TAG = Tags.COMPARISON  # tag on the rerun runs: the comparison's name
 
 
 @dataclass(frozen=True)
@@ -157,7 +167,7 @@ def parse_comparison(raw: Any, *, path: str | None = None) -> Comparison:
         raise _fail("description", f"expected text, got {description!r}")
     sampler = _mapping(tuning.get("sampler"), "tuning.sampler") or {"name": "tpe", "seed": 0}
     return Comparison(name=raw["name"], workload=raw["workload"], epochs=epochs, fixed=fixed,
-                      objective=_mapping(raw.get("objective"), "objective") or {"metric": "test_accuracy"},
+                      objective=_mapping(raw.get("objective"), "objective") or {"metric": Metrics.TEST_ACCURACY},
                       tuning={"trials": trials, "seeds": list(tuning_seeds),
                               "sampler": sampler,
                               "pruner": _mapping(tuning.get("pruner"), "tuning.pruner") or {"name": "none"}},
@@ -262,12 +272,12 @@ def rerun_spec(comparison: Comparison, plan: MethodPlan) -> StudySpec:
 def _find_rerun(tracker: MlflowTracker, comparison: Comparison, method: str, params: Mapping[str, str]) -> str | None:
     runs = tracker.client.search_runs(
         [tracker.experiment_id],
-        filter_string=f"tags.`{ROLE_TAG}` = '{comparison.name}' and tags.`fuse.optimizer` = '{method}' and "
-                      f"tags.`fuse.state` = 'complete'")
+        filter_string=" and ".join((tag_equals(ROLE_TAG, comparison.name), tag_equals(Tags.OPTIMIZER, method),
+                                    tag_equals(Tags.STATE, STATE_COMPLETE))))
     wanted = {k: redact(v) for k, v in params.items()}
     seeds = ",".join(map(str, comparison.rerun_seeds))
     for run in runs:
-        if run.data.params == wanted and run.data.tags.get("fuse.seeds") == seeds:
+        if run.data.params == wanted and run.data.tags.get(Tags.SEEDS) == seeds:
             return run.info.run_id
     return None
 
@@ -287,14 +297,14 @@ def _rerun(comparison: Comparison, plan: MethodPlan, index: int, parent_run_id: 
     if found is not None:
         return found
     tags = {**trial_tags(spec, spec.fixed, index, "compare"), ROLE_TAG: comparison.name,
-            "fuse.tuning_study": f"{comparison.name}-{plan.method}" if plan.tuned else "none (fixed settings)"}
+            Tags.TUNING_STUDY: f"{comparison.name}-{plan.method}" if plan.tuned else "none (fixed settings)"}
     if plan.best_trial is not None:
-        tags.update({"fuse.tuning_best_trial": plan.best_trial, "fuse.tuning_value": plan.tuning_value})
+        tags.update({Tags.TUNING_BEST_TRIAL: plan.best_trial, Tags.TUNING_VALUE: plan.tuning_value})
     run = tracker.start_trial(parent_run_id, f"{comparison.name}-{plan.method}", spec.fixed, tags)
     try:
         outcome = run_trial(spec, {}, run=run, threads=threads, device=device)
     except BaseException as exc:
-        run.set_tags({"fuse.state": "failed", "fuse.error": f"{type(exc).__name__}: {exc}"})
+        run.set_tags({Tags.STATE: STATE_FAILED, Tags.ERROR: f"{type(exc).__name__}: {exc}"})
         run.finish("FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
     log_outcome(run, outcome, spec)
@@ -317,13 +327,13 @@ def run_comparison(path: str | Path, *, out_dir: str | Path, n_jobs: int = 1, st
             _tune(plan, n_jobs=n_jobs, storage=storage, tracking_uri=tracking_uri, threads=threads, device=device,
                   progress=progress)
     tracker = MlflowTracker(tracking_uri, experiment=comparison.name)
-    params = {"workload": comparison.workload, "epochs": comparison.epochs,
-              "seeds": ",".join(map(str, comparison.rerun_seeds)),
-              "objective": comparison.objective.get("metric", "test_accuracy"),
-              "methods": ",".join(comparison.methods), "trials": comparison.tuning["trials"],
-              "tuning_seeds": ",".join(map(str, comparison.tuning["seeds"])),
-              "sampler": comparison.tuning["sampler"].get("name", "tpe"), "fixed": comparison.fixed}
-    tags = {"fuse.workload": comparison.workload, "fuse.backend": "compare", ROLE_TAG: comparison.name}
+    params = {StudyParams.WORKLOAD: comparison.workload, StudyParams.EPOCHS: comparison.epochs,
+              StudyParams.SEEDS: ",".join(map(str, comparison.rerun_seeds)),
+              StudyParams.OBJECTIVE: comparison.objective.get("metric", Metrics.TEST_ACCURACY),
+              StudyParams.METHODS: ",".join(comparison.methods), StudyParams.TRIALS: comparison.tuning["trials"],
+              StudyParams.TUNING_SEEDS: ",".join(map(str, comparison.tuning["seeds"])),
+              StudyParams.SAMPLER: comparison.tuning["sampler"].get("name", "tpe"), StudyParams.FIXED: comparison.fixed}
+    tags = {Tags.WORKLOAD: comparison.workload, Tags.BACKEND: "compare", ROLE_TAG: comparison.name}
     parent = tracker.start_study(comparison.name, tags=tags, params=params, artifact=comparison.path)
     status = "KILLED"
     try:

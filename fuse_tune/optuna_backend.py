@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fuse_tune.records import STATE_FAILED, STATE_PRUNED, OptunaAttrs, Tags, redact
 from fuse_tune.spec import SpecError, StudySpec, load_spec
-from fuse_tune.tracking import MlflowTracker, NullTracker, default_tracking_uri, redact, versions
+from fuse_tune.tracking import MlflowTracker, NullTracker, default_tracking_uri, versions
 from fuse_tune.trial import TrialOutcome, log_outcome, run_trial, study_run_info, suggest, trial_tags
 
 __all__ = ["StudyMismatch", "open_storage", "prepare_study", "run_study", "StudySummary", "DEFAULT_JOURNAL"]
@@ -206,15 +207,15 @@ def prepare_study(spec: StudySpec, storage_url: str, *, must_exist: bool = False
                              f"`fuse-tune run {spec.path or 'STUDY.yaml'}`") from None
         study = optuna.create_study(study_name=spec.name, storage=storage, directions=spec.objective.directions,
                                     sampler=make_sampler(spec), pruner=make_pruner(spec), load_if_exists=True)
-        if "fuse.fingerprint" not in study.user_attrs:
+        if OptunaAttrs.FINGERPRINT not in study.user_attrs:
             _tag_study(study, spec)
         return study
-    stored = study.user_attrs.get("fuse.fingerprint")
+    stored = study.user_attrs.get(OptunaAttrs.FINGERPRINT)
     for _ in range(50):  # a worker started at the same moment may have created it and not tagged it yet
         if stored is not None:
             break
         time.sleep(0.1)
-        stored = study.user_attrs.get("fuse.fingerprint")
+        stored = study.user_attrs.get(OptunaAttrs.FINGERPRINT)
     if stored is None and not study.get_trials(deepcopy=False):  # its creator died before tagging it
         _tag_study(study, spec)
         return study
@@ -227,9 +228,9 @@ def prepare_study(spec: StudySpec, storage_url: str, *, must_exist: bool = False
 
 
 def _tag_study(study: Any, spec: StudySpec) -> None:
-    study.set_user_attr("fuse.fingerprint", spec.fingerprint())
-    study.set_user_attr("fuse.versions", versions())
-    study.set_user_attr("fuse.objective", spec.objective.metric)
+    study.set_user_attr(OptunaAttrs.FINGERPRINT, spec.fingerprint())
+    study.set_user_attr(OptunaAttrs.VERSIONS, versions())
+    study.set_user_attr(OptunaAttrs.OBJECTIVE, spec.objective.metric)
 
 
 # ------------------------------------------------------------------ workers
@@ -248,16 +249,16 @@ def _fail_dead_local_trials(study: Any) -> int:
     failed = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.system_attrs
-        pid = attrs.get("fuse.pid")
-        if attrs.get("fuse.host") != host or pid is None or _alive(int(pid)):
+        pid = attrs.get(OptunaAttrs.PID)
+        if attrs.get(OptunaAttrs.HOST) != host or pid is None or _alive(int(pid)):
             continue
         try:  # the reason first: a finished trial cannot be updated
-            study._storage.set_trial_system_attr(trial._trial_id, "fuse.fail_reason", f"worker pid {pid} died")
+            study._storage.set_trial_system_attr(trial._trial_id, OptunaAttrs.FAIL_REASON, f"worker pid {pid} died")
             study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
         except Exception:  # another worker got there first
             continue
-        if "fuse.retry_of" not in trial.user_attrs:  # enqueue_trial stores it as a user attribute
-            study.enqueue_trial(trial.params, user_attrs={"fuse.retry_of": trial.number})
+        if OptunaAttrs.RETRY_OF not in trial.user_attrs:  # enqueue_trial stores it as a user attribute
+            study.enqueue_trial(trial.params, user_attrs={OptunaAttrs.RETRY_OF: trial.number})
         failed += 1
     return failed
 
@@ -334,18 +335,18 @@ def _objective_factory(spec: StudySpec, config: WorkerConfig, tracker: Any, stud
         earlier = [t for t in study.get_trials(deepcopy=False)
                    if t.number < trial.number and t.state != TrialState.FAIL]
         if len(earlier) >= config.n_trials:
-            trial.set_user_attr("fuse.surplus", True)
+            trial.set_user_attr(OptunaAttrs.SURPLUS, True)
             _SURPLUS_TRIALS.add(trial.number)
             raise _Surplus()
         storage, trial_id = study._storage, trial._trial_id
-        storage.set_trial_system_attr(trial_id, "fuse.pid", os.getpid())
-        storage.set_trial_system_attr(trial_id, "fuse.host", socket.gethostname())
+        storage.set_trial_system_attr(trial_id, OptunaAttrs.PID, os.getpid())
+        storage.set_trial_system_attr(trial_id, OptunaAttrs.HOST, socket.gethostname())
         sampled = suggest(trial, spec.search)
         settings = spec.configuration(sampled)
         run = tracker.start_trial(config.parent_run_id, f"{spec.name}-trial-{trial.number}", settings,
                                   trial_tags(spec, settings, trial.number, "optuna"))
         if run.run_id is not None:
-            storage.set_trial_system_attr(trial_id, "fuse.mlflow_run_id", run.run_id)
+            storage.set_trial_system_attr(trial_id, OptunaAttrs.MLFLOW_RUN_ID, run.run_id)
 
         def report(step: int, value: float) -> None:
             if multi or not math.isfinite(value):
@@ -357,11 +358,11 @@ def _objective_factory(spec: StudySpec, config: WorkerConfig, tracker: Any, stud
         try:
             outcome = run_trial(spec, sampled, report=report, run=run, threads=config.threads, device=config.device)
         except optuna.TrialPruned:
-            run.set_tags({"fuse.state": "pruned"})
+            run.set_tags({Tags.STATE: STATE_PRUNED})
             run.finish("FINISHED")
             raise
         except BaseException as exc:
-            run.set_tags({"fuse.state": "failed", "fuse.error": f"{type(exc).__name__}: {exc}"})
+            run.set_tags({Tags.STATE: STATE_FAILED, Tags.ERROR: f"{type(exc).__name__}: {exc}"})
             run.finish("FAILED" if isinstance(exc, Exception) else "KILLED")
             raise
         _record_outcome(trial, run, outcome, spec)
@@ -372,12 +373,12 @@ def _objective_factory(spec: StudySpec, config: WorkerConfig, tracker: Any, stud
 
 
 def _record_outcome(trial: Any, run: Any, outcome: TrialOutcome, spec: StudySpec) -> None:
-    trial.set_user_attr("value_std", outcome.std)
-    trial.set_user_attr("per_seed", outcome.per_seed)
-    trial.set_user_attr("switch_epochs", outcome.switch_epochs)
-    trial.set_user_attr("epochs_run", outcome.epochs_run)
+    trial.set_user_attr(OptunaAttrs.VALUE_STD, outcome.std)
+    trial.set_user_attr(OptunaAttrs.PER_SEED, outcome.per_seed)
+    trial.set_user_attr(OptunaAttrs.SWITCH_EPOCHS, outcome.switch_epochs)
+    trial.set_user_attr(OptunaAttrs.EPOCHS_RUN, outcome.epochs_run)
     if outcome.cost is not None:
-        trial.set_user_attr("cost", outcome.cost)
+        trial.set_user_attr(OptunaAttrs.COST, outcome.cost)
     log_outcome(run, outcome, spec)  # shared with the Ray backend: identical tags and metrics
 
 
@@ -455,9 +456,10 @@ class StudySummary:
             return []
         maximize = self.study.directions[0].name == "MAXIMIZE"
         complete.sort(key=lambda t: t.values[0], reverse=maximize)
-        return [{"trial": t.number, "value": t.values[0], "std": t.user_attrs.get("value_std"),
-                 "cost": t.user_attrs.get("cost"), "switch_epochs": t.user_attrs.get("switch_epochs"),
-                 "params": t.params} for t in complete[:limit]]
+        return [{"trial": t.number, "value": t.values[0], "std": t.user_attrs.get(OptunaAttrs.VALUE_STD),
+                 "cost": t.user_attrs.get(OptunaAttrs.COST),
+                 "switch_epochs": t.user_attrs.get(OptunaAttrs.SWITCH_EPOCHS), "params": t.params}
+                for t in complete[:limit]]
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -29,8 +29,9 @@
   their last checkpoint, and the searcher continues from its saved state.
 * MLflow: the study's parent run (found again by its tags) and one child run per trial with the same params,
   per-epoch metrics, summary metrics and tags as the Optuna backend (:func:`fuse_tune.trial.trial_tags`,
-  :func:`fuse_tune.trial.log_outcome`), plus ``fuse.backend=ray``, ``fuse.node_id``, ``fuse.host`` and
-  ``fuse.ray_trial_id``. A restored trial logs into its run again and never logs an epoch twice.
+  :func:`fuse_tune.trial.log_outcome`), with the :class:`fuse_tune.records.Tags` ``BACKEND`` = ``ray``, plus
+  ``NODE_ID``, ``HOST`` and ``RAY_TRIAL_ID``. A restored trial logs into its run again and never logs an epoch
+  twice.
 """
 
 from __future__ import annotations
@@ -49,8 +50,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from fuse_tune.records import (
+    MAXIMIZE,
+    STATE_FAILED,
+    STATE_PRUNED,
+    Metrics,
+    Tags,
+    decode_switch_epochs,
+    encode_switch_epochs,
+    flatten_params,
+    per_seed_key,
+    redact,
+    tag_equals,
+)
 from fuse_tune.spec import SpecError, StudySpec
-from fuse_tune.tracking import MlflowTracker, redact
+from fuse_tune.tracking import MlflowTracker
 from fuse_tune.train import EpochMetrics
 from fuse_tune.trial import SeedRuns, _loggable, log_outcome, study_run_info, suggest, trial_tags
 
@@ -227,7 +241,7 @@ class _ChildRun:
 
     def __init__(self, ctx: RayContext, number: int, settings: Mapping[str, Any], trial_id: str, node_id: str,
                  run_id: str | None, cloned_from: str | None = None) -> None:
-        from fuse_tune.tracking import _MlflowRun, flatten_params
+        from fuse_tune.tracking import _MlflowRun
 
         spec = ctx.spec
         tracker = MlflowTracker(ctx.tracking_uri, experiment=spec.name)
@@ -246,18 +260,18 @@ class _ChildRun:
             tags = self.client.get_run(run_id).data.tags if run_id is not None else None
         if run_id is not None and tags is not None:
             self.run = _MlflowRun(self.client, run_id)
-            self.complete = tags.get("fuse.ray_outcome_logged") == "1"
-            if tags.get("fuse.state") in ("failed", "pruned"):
-                self.client.delete_tag(run_id, "fuse.state")
+            self.complete = tags.get(Tags.RAY_OUTCOME_LOGGED) == "1"
+            if tags.get(Tags.STATE) in (STATE_FAILED, STATE_PRUNED):
+                self.client.delete_tag(run_id, Tags.STATE)
             self.client.update_run(run_id, status="RUNNING")
             self.attached = True
         else:
             self.run = tracker.start_trial(ctx.parent_run_id, f"{spec.name}-trial-{number}", settings,
                                            trial_tags(spec, settings, number, "ray"))
-        extra = {"fuse.ray_trial_id": trial_id, "fuse.ray_experiment": ctx.experiment_id, "fuse.node_id": node_id,
-                 "fuse.host": socket.gethostname()}
+        extra = {Tags.RAY_TRIAL_ID: trial_id, Tags.RAY_EXPERIMENT: ctx.experiment_id, Tags.NODE_ID: node_id,
+                 Tags.HOST: socket.gethostname()}
         if cloned_from:
-            extra["fuse.cloned_from"] = cloned_from
+            extra[Tags.CLONED_FROM] = cloned_from
         self.run.set_tags(extra)
         self.run_id = self.run.run_id
 
@@ -267,22 +281,23 @@ class _ChildRun:
             return None
         runs = self.client.search_runs(
             [tracker.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{ctx.parent_run_id}' and tags.`fuse.trial` = '{number}' "
-                          f"and tags.`fuse.backend` = 'ray' and tags.`fuse.ray_experiment` = '{ctx.experiment_id}'")
+            filter_string=" and ".join((tag_equals(Tags.MLFLOW_PARENT_RUN_ID, ctx.parent_run_id),
+                                        tag_equals(Tags.TRIAL, number), tag_equals(Tags.BACKEND, "ray"),
+                                        tag_equals(Tags.RAY_EXPERIMENT, ctx.experiment_id))))
         wanted = {k: redact(v) for k, v in params.items()}
         for run in runs:
             if run.data.params == wanted:
                 return run.info.run_id
-            self.client.set_tag(run.info.run_id, "fuse.state", "failed")
-            self.client.set_tag(run.info.run_id, "fuse.error", "superseded: the driver stopped before Ray recorded "
-                                                               "this trial, and its number was drawn again")
+            self.client.set_tag(run.info.run_id, Tags.STATE, STATE_FAILED)
+            self.client.set_tag(run.info.run_id, Tags.ERROR, "superseded: the driver stopped before Ray recorded "
+                                                             "this trial, and its number was drawn again")
             self.client.set_terminated(run.info.run_id, status="KILLED")
         return None
 
     def log_epoch(self, seed: int, metrics: Mapping[str, float | None], step: int) -> None:
         if self.attached:
             if seed not in self._logged:
-                history = self.client.get_metric_history(self.run_id, f"wall_time/seed_{seed}")
+                history = self.client.get_metric_history(self.run_id, per_seed_key(Metrics.WALL_TIME, seed))
                 self._logged[seed] = {m.step for m in history}
             if step in self._logged[seed]:
                 return  # logged by an earlier attempt; the restored trial recomputes the same epoch
@@ -291,11 +306,11 @@ class _ChildRun:
     def finish_complete(self, outcome: Any, spec: StudySpec) -> None:
         if not self.complete:
             log_outcome(self.run, outcome, spec)
-            self.run.set_tags({"fuse.ray_outcome_logged": "1"})  # a restored trial must not log it twice
+            self.run.set_tags({Tags.RAY_OUTCOME_LOGGED: "1"})  # a restored trial must not log it twice
         self.run.finish("FINISHED")
 
     def fail(self, exc: BaseException) -> None:
-        self.run.set_tags({"fuse.state": "failed", "fuse.error": f"{type(exc).__name__}: {exc}"})
+        self.run.set_tags({Tags.STATE: STATE_FAILED, Tags.ERROR: f"{type(exc).__name__}: {exc}"})
         self.run.finish("FAILED")
 
 
@@ -392,7 +407,7 @@ class TrialLoop:
             "fuse_final": False,
         }
         if spec.objective.cost is not None:
-            costs = [m.grad_evals if spec.objective.cost == "grad_evals" else m.wall_time for m in metrics]
+            costs = [m.grad_evals if spec.objective.cost == Metrics.GRAD_EVALS else m.wall_time for m in metrics]
             result["cost"] = float(statistics.fmean(costs))
         per_seed = [_loggable(m) for m in metrics]
         for key in per_seed[0]:
@@ -404,7 +419,7 @@ class TrialLoop:
     def _final_metrics(self, outcome: Any) -> dict[str, Any]:
         final = {"objective": float(outcome.value), "objective_std": float(outcome.std), "fuse_final": True,
                  "epochs_run": outcome.epochs_run,
-                 "fuse_switch_epochs": ",".join("none" if e is None else str(e) for e in outcome.switch_epochs),
+                 "fuse_switch_epochs": encode_switch_epochs(outcome.switch_epochs),
                  "fuse_per_seed": ",".join(repr(float(v)) for v in outcome.per_seed)}
         if outcome.cost is not None:
             final["cost"] = float(outcome.cost)
@@ -477,7 +492,7 @@ def _make_searcher(spec: StudySpec) -> Any:
                 self.__dict__.update(pickle.load(handle))
 
     directions = spec.objective.directions
-    modes = ["max" if d == "maximize" else "min" for d in directions]
+    modes = ["max" if d == MAXIMIZE else "min" for d in directions]
     if spec.objective.cost is not None:
         return FuseOptunaSearch(space=_SearchSpace(spec), metric=["objective", "cost"], mode=modes,
                                 sampler=make_sampler(spec))
@@ -496,7 +511,7 @@ def _make_scheduler(spec: StudySpec) -> Any:
     grace = min(max(1, int(grace or 1)), max_t - 1)
     reduction = max(2, int(options.get("reduction_factor") or 3))
     return ASHAScheduler(time_attr="step", metric="epoch_value",
-                         mode="max" if spec.objective.direction == "maximize" else "min",
+                         mode="max" if spec.objective.direction == MAXIMIZE else "min",
                          max_t=max_t, grace_period=grace, reduction_factor=reduction)
 
 
@@ -531,11 +546,11 @@ def _callback_class() -> type:
 
                 client = MlflowClient(tracking_uri=uri)
                 run = client.get_run(run_id)
-                if run.info.status in ("FINISHED", "FAILED") and run.data.tags.get("fuse.state"):
+                if run.info.status in ("FINISHED", "FAILED") and run.data.tags.get(Tags.STATE):
                     return  # the trial recorded its own end
-                client.set_tag(run_id, "fuse.state", state)
+                client.set_tag(run_id, Tags.STATE, state)
                 if error:
-                    client.set_tag(run_id, "fuse.error", error[:5000])
+                    client.set_tag(run_id, Tags.ERROR, error[:5000])
                 client.set_terminated(run_id, status=status)
             except Exception as exc:  # tracking must not end the experiment
                 print(f"fuse-tune: could not record the end of trial {trial.trial_id} in MLflow: {exc}",
@@ -543,10 +558,10 @@ def _callback_class() -> type:
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             if not (trial.last_result or {}).get("fuse_final"):
-                self._finish(trial, "pruned", "FINISHED")
+                self._finish(trial, STATE_PRUNED, "FINISHED")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._finish(trial, "failed", "FAILED", "the trial's Ray worker failed (see the Ray results folder)")
+            self._finish(trial, STATE_FAILED, "FAILED", "the trial's Ray worker failed (see the Ray results folder)")
 
     return _MlflowStates
 
@@ -579,12 +594,12 @@ class RaySummary:
 
     def best_rows(self, limit: int = 5) -> list[dict[str, Any]]:
         complete = [r for r in self.results if self._state(r) == "COMPLETE"]
-        maximize = self.spec.objective.direction == "maximize"
+        maximize = self.spec.objective.direction == MAXIMIZE
         complete.sort(key=lambda r: r.metrics["objective"], reverse=maximize)
         rows = []
         for result in complete[:limit]:
             m = result.metrics
-            switch = [None if e == "none" else int(e) for e in str(m.get("fuse_switch_epochs", "")).split(",") if e]
+            switch = decode_switch_epochs(str(m.get("fuse_switch_epochs", "")))
             rows.append({"trial": result.config.get(TRIAL_KEY), "value": m["objective"], "std": m.get("objective_std"),
                          "cost": m.get("cost") if self.spec.objective.cost else None, "switch_epochs": switch,
                          "params": {k: v for k, v in result.config.items() if k != TRIAL_KEY}})
@@ -682,7 +697,7 @@ def run_ray_study(spec: StudySpec, *, n_trials: int | None = None, n_jobs: int |
             tracker = MlflowTracker(tracking_uri, experiment=spec.name)
             tags, params = study_run_info(spec, n_trials, "ray", redact(experiment_url))
             scheduler_name = "asha" if _make_scheduler(spec) is not None else "fifo"
-            parent_run_id = tracker.start_study(spec.name, tags={**tags, "fuse.ray_scheduler": scheduler_name},
+            parent_run_id = tracker.start_study(spec.name, tags={**tags, Tags.RAY_SCHEDULER: scheduler_name},
                                                 params=params, artifact=spec.path)
         if experiment_path is not None and record is None:
             experiment_path.mkdir(parents=True, exist_ok=True)

@@ -46,10 +46,12 @@ from typing import Any
 
 import yaml
 
+from fuse_tune.records import COST_METRICS, MINIMIZE, OBJECTIVE_METRICS, Metrics, direction
+
 __all__ = ["SpecError", "Param", "Objective", "StudySpec", "load_spec", "parse_spec", "nest", "OBJECTIVES"]
 
-OBJECTIVES = {"test_accuracy": "maximize", "train_loss": "minimize", "time_to_target": "minimize"}
-COSTS = ("grad_evals", "wall_time")
+OBJECTIVES = {metric: direction(metric) for metric in OBJECTIVE_METRICS}  # objective metric -> its direction
+COSTS = COST_METRICS
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "grid")
 PRUNERS = ("median", "percentile", "hyperband", "none")
 TOP_LEVEL = ("name", "description", "workload", "optimizer", "epochs", "seeds", "fixed", "search", "objective",
@@ -98,7 +100,7 @@ class Param:
 
 @dataclass(frozen=True)
 class Objective:
-    metric: str = "test_accuracy"
+    metric: str = Metrics.TEST_ACCURACY
     target_loss: float | None = None
     cost: str | None = None
 
@@ -108,7 +110,7 @@ class Objective:
 
     @property
     def directions(self) -> list[str]:
-        return [self.direction] + (["minimize"] if self.cost else [])
+        return [self.direction] + ([MINIMIZE] if self.cost else [])
 
 
 @dataclass(frozen=True)
@@ -334,13 +336,13 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None, require_s
         raise _fail(f"search.{clash[0]}", "is also in 'fixed'; give it in one place")
 
     objective_raw = _mapping(raw.get("objective"), "objective", {"metric", "target_loss", "cost"})
-    metric = objective_raw.get("metric", "test_accuracy")
+    metric = objective_raw.get("metric", Metrics.TEST_ACCURACY)
     if metric not in OBJECTIVES:
         raise _fail("objective.metric", f"expected one of {sorted(OBJECTIVES)}, got {metric!r}")
     target = objective_raw.get("target_loss")
     if target is not None:
         target = _number(target, "objective.target_loss")
-    if metric == "time_to_target" and target is None:
+    if metric == Metrics.TIME_TO_TARGET and target is None:
         raise _fail("objective.target_loss", "required when objective.metric is time_to_target")
     cost = objective_raw.get("cost")
     if cost is not None and cost not in COSTS:

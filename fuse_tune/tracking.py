@@ -7,47 +7,29 @@ metrics go in one ``log_batch`` call (an HTTP round trip costs ~100 ms against a
 
 The default tracking store is ``sqlite:///<absolute path>/mlflow.db`` in the working directory
 (MLflow 3 refuses the old ``./mlruns`` file store by default); any tracking-server URL works.
-Credentials in URLs are redacted (:func:`redact`) before anything is printed, tagged or logged.
+Credentials in URLs are redacted (:func:`fuse_tune.records.redact`) before anything is printed, tagged or
+logged. What the runs record is named in :mod:`fuse_tune.records`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from fuse_tune.records import ROLE_STUDY, ROLE_TRIAL, Tags, flatten_params, per_seed_key, redact, tag_equals
+
+# redact and flatten_params live in fuse_tune.records; they stay importable from here for existing callers.
 __all__ = ["Tracker", "TrialRun", "MlflowTracker", "NullTracker", "redact", "default_tracking_uri", "flatten_params",
            "versions"]
-
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@\s]*)@")
-
-
-def redact(text: str | None) -> str | None:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db`` (anywhere in ``text``)."""
-    if text is None:
-        return None
-    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
 
 
 def default_tracking_uri(directory: str | os.PathLike[str] | None = None) -> str:
     """``sqlite:///<absolute directory>/mlflow.db`` (the working directory by default)."""
     return f"sqlite:///{Path(directory or os.getcwd()).resolve() / 'mlflow.db'}"
-
-
-def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested settings -> ``{"switch.criterion": "epoch", ...}`` as MLflow param strings."""
-    flat: dict[str, str] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten_params(value, name + "."))
-        else:
-            flat[name] = str(value)[:6000]
-    return flat
 
 
 def _git_commit() -> str:
@@ -66,10 +48,10 @@ def versions() -> dict[str, str]:
     found = {}
     for package in ("fuse", "torch", "optuna", "mlflow", "ray"):
         try:
-            found[f"version.{package}"] = metadata.version(package)
+            found[f"{Tags.VERSION_PREFIX}{package}"] = metadata.version(package)
         except metadata.PackageNotFoundError:
             continue
-    found["git.commit"] = _git_commit()
+    found[Tags.GIT_COMMIT] = _git_commit()
     return found
 
 
@@ -125,8 +107,8 @@ class _MlflowRun:
         self.run_id = run_id
 
     def log_epoch(self, seed: int, metrics: Mapping[str, float | None], step: int) -> None:
-        """One seed's epoch: ``<metric>/seed_<seed>`` at ``step`` (the epoch), one HTTP call."""
-        self.log_metrics({f"{k}/seed_{seed}": v for k, v in metrics.items() if v is not None}, step)
+        """One seed's epoch: ``<metric>/seed_<seed>`` (:func:`per_seed_key`) at ``step`` (the epoch), one HTTP call."""
+        self.log_metrics({per_seed_key(k, seed): v for k, v in metrics.items() if v is not None}, step)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -186,8 +168,8 @@ class MlflowTracker:
             return found.experiment_id
 
     def find_study_run(self, study: str) -> str | None:
-        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`fuse.study` = '{study}' and "
-                                       "tags.`fuse.role` = 'study'", max_results=1)
+        query = f"{tag_equals(Tags.STUDY, study)} and {tag_equals(Tags.ROLE, ROLE_STUDY)}"
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
         return runs[0].info.run_id if runs else None
 
     def start_study(self, name: str, tags: Mapping[str, Any], params: Mapping[str, Any],
@@ -196,7 +178,7 @@ class MlflowTracker:
         run_id = self.find_study_run(name)
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=name,
-                                         tags={"fuse.study": name, "fuse.role": "study"})
+                                         tags={Tags.STUDY: name, Tags.ROLE: ROLE_STUDY})
             run_id = run.info.run_id
             from mlflow.entities import Param
 
@@ -213,9 +195,9 @@ class MlflowTracker:
                     tags: Mapping[str, Any]) -> _MlflowRun:
         from mlflow.entities import Param
 
-        all_tags = {"fuse.role": "trial", **{k: redact(str(v)) for k, v in tags.items()}}
+        all_tags = {Tags.ROLE: ROLE_TRIAL, **{k: redact(str(v)) for k, v in tags.items()}}
         if parent_run_id is not None:
-            all_tags["mlflow.parentRunId"] = parent_run_id
+            all_tags[Tags.MLFLOW_PARENT_RUN_ID] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
         flat = flatten_params(params)
         self.client.log_batch(run.info.run_id, params=[Param(k, redact(v)) for k, v in flat.items()],

@@ -21,6 +21,21 @@ from typing import Any
 import torch
 
 from fuse_tune.optimizers import OPTIMIZERS, accepted_arguments, build_optimizer
+from fuse_tune.records import (
+    EPOCH_MEAN_METRICS,
+    FIRST_PHASE,
+    MINIMIZE,
+    NEVER_SWITCHED,
+    PER_SEED_METRICS,
+    STATE_COMPLETE,
+    Metrics,
+    StudyParams,
+    Tags,
+    cost_key,
+    encode_switch_epochs,
+    objective_key,
+    objective_std_key,
+)
 from fuse_tune.spec import Param, SpecError, StudySpec, _flatten, nest
 from fuse_tune.tracking import versions
 from fuse_tune.train import TRAINER_KEYS, EpochMetrics, TrainConfig, Trainer, TrainResult, optimizer_arguments
@@ -137,7 +152,7 @@ def check_spec(spec: StudySpec) -> None:
         raise SpecError(f"workload: {exc}") from None
     if spec.optimizer not in OPTIMIZERS:
         raise SpecError(f"optimizer: expected one of {sorted(OPTIMIZERS)}, got {spec.optimizer!r}")
-    if spec.objective.metric == "test_accuracy" and workload.kind == "function":
+    if spec.objective.metric == Metrics.TEST_ACCURACY and workload.kind == "function":
         raise SpecError("objective.metric: test_accuracy needs a data set; use train_loss for test-function workloads")
     accepted_optimizer = set(accepted_arguments(spec.optimizer))
     routable = set(TRAINER_KEYS) | workload_option_names(spec.workload) | accepted_optimizer
@@ -233,15 +248,15 @@ class TrialOutcome:
 
 def _objective_of(spec: StudySpec, history: list[EpochMetrics], time_to_target: float | None) -> float:
     metric = spec.objective.metric
-    if metric == "test_accuracy":
+    if metric == Metrics.TEST_ACCURACY:
         return float(history[-1].test_accuracy)
-    if metric == "train_loss":
+    if metric == Metrics.TRAIN_LOSS:
         return float(history[-1].train_loss)
     return float(time_to_target) if time_to_target is not None else math.inf
 
 
 def _intermediate(spec: StudySpec, metrics: EpochMetrics) -> float:
-    if spec.objective.metric == "test_accuracy":
+    if spec.objective.metric == Metrics.TEST_ACCURACY:
         return float(metrics.test_accuracy)
     return float(metrics.train_loss)
 
@@ -334,16 +349,16 @@ def summarize(spec: StudySpec, results: Sequence[TrainResult], epochs_run: int) 
     for result in results:
         histories.append(result.history)
         value = _objective_of(spec, result.history, result.time_to_target)
-        if result.stopped_early and spec.objective.metric == "train_loss":
+        if result.stopped_early and spec.objective.metric == Metrics.TRAIN_LOSS:
             value = math.inf
         per_seed.append(value)
         final = result.final
-        costs.append(final.grad_evals if spec.objective.cost == "grad_evals" else final.wall_time)
+        costs.append(final.grad_evals if spec.objective.cost == Metrics.GRAD_EVALS else final.wall_time)
         switch_epochs.append(final.switch_epoch)
         reasons.append(final.switch_reason)
     finite = [v for v in per_seed if math.isfinite(v)]
     mean = statistics.fmean(per_seed) if len(finite) == len(per_seed) else (
-        math.inf if spec.objective.direction == "minimize" else -math.inf)
+        math.inf if spec.objective.direction == MINIMIZE else -math.inf)
     std = statistics.pstdev(per_seed) if len(finite) == len(per_seed) and len(per_seed) > 1 else 0.0
     return TrialOutcome(mean, std, statistics.fmean(costs) if spec.objective.cost else None, per_seed,
                         switch_epochs, reasons, epochs_run, histories)
@@ -354,56 +369,58 @@ def summarize(spec: StudySpec, results: Sequence[TrainResult], epochs_run: int) 
 
 def study_run_info(spec: StudySpec, n_trials: int, backend: str, storage: str | None) -> tuple[dict, dict]:
     """Tags and params of a study's parent run; ``storage`` must already be redacted."""
-    tags = {"fuse.workload": spec.workload, "fuse.optimizer": spec.optimizer, "fuse.storage": storage,
-            "fuse.fingerprint": spec.fingerprint(), "fuse.backend": backend, **versions()}
-    params = {"workload": spec.workload, "optimizer": spec.optimizer, "epochs": spec.epochs,
-              "seeds": ",".join(map(str, spec.seeds)), "objective": spec.objective.metric,
-              "sampler": spec.sampler["name"], "pruner": spec.pruner["name"], "trials": n_trials, "fixed": spec.fixed}
+    tags = {Tags.WORKLOAD: spec.workload, Tags.OPTIMIZER: spec.optimizer, Tags.STORAGE: storage,
+            Tags.FINGERPRINT: spec.fingerprint(), Tags.BACKEND: backend, **versions()}
+    params = {StudyParams.WORKLOAD: spec.workload, StudyParams.OPTIMIZER: spec.optimizer,
+              StudyParams.EPOCHS: spec.epochs, StudyParams.SEEDS: ",".join(map(str, spec.seeds)),
+              StudyParams.OBJECTIVE: spec.objective.metric, StudyParams.SAMPLER: spec.sampler["name"],
+              StudyParams.PRUNER: spec.pruner["name"], StudyParams.TRIALS: n_trials, StudyParams.FIXED: spec.fixed}
     return tags, params
 
 
 def trial_tags(spec: StudySpec, settings: Mapping[str, Any], number: int, backend: str) -> dict[str, Any]:
     """Tags of a trial's child run (the same keys from every backend, so dashboards cannot tell them apart)."""
     switch = settings.get("switch", "")
-    return {"fuse.study": spec.name, "fuse.trial": number, "fuse.workload": spec.workload,
-            "fuse.optimizer": spec.optimizer, "fuse.seeds": ",".join(map(str, spec.seeds)),
-            "fuse.criterion": (switch or {}).get("criterion", "") if isinstance(switch, dict) else switch,
-            "fuse.backend": backend, **versions()}
+    return {Tags.STUDY: spec.name, Tags.TRIAL: number, Tags.WORKLOAD: spec.workload,
+            Tags.OPTIMIZER: spec.optimizer, Tags.SEEDS: ",".join(map(str, spec.seeds)),
+            Tags.CRITERION: (switch or {}).get("criterion", "") if isinstance(switch, dict) else switch,
+            Tags.BACKEND: backend, **versions()}
 
 
 def log_outcome(run: Any, outcome: TrialOutcome, spec: StudySpec) -> None:
     """A finished trial's tags, summary metrics and per-epoch means over seeds on its child run."""
     switch_epochs = [e for e in outcome.switch_epochs if e is not None]
     run.set_tags({
-        "fuse.state": "complete",
-        "fuse.switch_epoch": ",".join("none" if e is None else str(e) for e in outcome.switch_epochs),
-        "fuse.switch_reason": next((r for r in outcome.switch_reasons if r), "none"),
+        Tags.STATE: STATE_COMPLETE,
+        Tags.SWITCH_EPOCH: encode_switch_epochs(outcome.switch_epochs),
+        Tags.SWITCH_REASON: next((r for r in outcome.switch_reasons if r), NEVER_SWITCHED),
     })
-    metric = f"objective.{spec.objective.metric}"
-    summary = {metric: outcome.value, f"{metric}.std": outcome.std,
-               "epochs_run": float(outcome.epochs_run)}
+    metric = spec.objective.metric
+    summary = {objective_key(metric): outcome.value, objective_std_key(metric): outcome.std,
+               Metrics.EPOCHS_RUN: float(outcome.epochs_run)}
     if switch_epochs:
-        summary["switch_epoch.mean"] = sum(switch_epochs) / len(switch_epochs)
+        summary[Metrics.SWITCH_EPOCH_MEAN] = sum(switch_epochs) / len(switch_epochs)
     if outcome.cost is not None:
-        summary[f"cost.{spec.objective.cost}"] = outcome.cost
+        summary[cost_key(spec.objective.cost)] = outcome.cost
     run.log_metrics({k: v for k, v in summary.items() if math.isfinite(v)})
     # Per-epoch means over seeds under the plain metric names (step = epoch).
     if hasattr(run, "log_series") and outcome.histories:
         length = min(len(h) for h in outcome.histories)
         series: dict[str, list[float]] = {}
-        for key in ("train_loss", "test_accuracy", "test_loss", "grad_sq_norm", "wall_time", "grad_evals"):
+        for key in EPOCH_MEAN_METRICS:
             columns = [[getattr(h[i], key) for h in outcome.histories] for i in range(length)]
             if all(v is not None for column in columns for v in column):
                 series[key] = [sum(column) / len(column) for column in columns]
         run.log_series({k: v for k, v in series.items() if all(math.isfinite(x) for x in v)})
 
 
-_LOGGED = ("train_loss", "batch_loss", "test_loss", "test_accuracy", "grad_sq_norm", "wall_time", "grad_evals",
-           "samples", "batch_size", "gap")
+#: the per-seed metrics that are EpochMetrics fields of the same name (the others are derived in _loggable)
+_LOGGED = tuple(m for m in PER_SEED_METRICS if m not in (Metrics.PHASE_SECOND, Metrics.SWITCH_EPOCH))
 
 
 def _loggable(metrics: EpochMetrics) -> dict[str, float | None]:
+    """One seed's epoch as the per-seed metrics (:data:`fuse_tune.records.PER_SEED_METRICS`); None: not logged."""
     values: dict[str, float | None] = {key: getattr(metrics, key) for key in _LOGGED}
-    values["phase_second"] = 0.0 if metrics.phase == "adam" else 1.0
-    values["switch_epoch"] = metrics.switch_epoch
+    values[Metrics.PHASE_SECOND] = 0.0 if metrics.phase == FIRST_PHASE else 1.0
+    values[Metrics.SWITCH_EPOCH] = metrics.switch_epoch
     return {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in values.items()}
