@@ -291,7 +291,9 @@ class _AdamLBFGSBase(Optimizer):
         self._memory: LBFGSMemory | None = None
         self._adam_scale: torch.Tensor | None = None
         self._last_good: torch.Tensor | None = None
-        self._x0_buffer: torch.Tensor | None = None
+        #: vectors of the parameters' length reused by every L-BFGS step (x_k, g_k, d_k): a fresh 4 MB
+        #: allocation per step and vector costs page faults
+        self._step_buffers: dict[str, torch.Tensor] = {}
         self._grad_reference: float | None = None
         self.closure_calls = 0
         self.recoveries = 0
@@ -382,7 +384,7 @@ class _AdamLBFGSBase(Optimizer):
         self._memory = None
         self._adam_scale = None
         self._last_good = None
-        self._x0_buffer = None
+        self._step_buffers = {}
 
     def _may_use_lbfgs(self) -> bool:
         """Whether this optimizer can ever take an L-BFGS step (FusePV with ``never`` cannot)."""
@@ -415,7 +417,16 @@ class _AdamLBFGSBase(Optimizer):
         parts = [p.detach().reshape(-1) for p in self._all_params()]
         return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
-    def _flat_grad(self) -> torch.Tensor:
+    def _step_buffer(self, name: str) -> torch.Tensor:
+        """A reused vector of the parameters' length, dtype and device (contents undefined)."""
+        params = self._all_params()
+        buffer = self._step_buffers.get(name)
+        if buffer is None or buffer.numel() != sum(p.numel() for p in params):
+            buffer = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+            self._step_buffers[name] = buffer
+        return buffer
+
+    def _flat_grad(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """``g`` over all parameters; a parameter without a gradient or frozen (``requires_grad=False``)
         contributes zeros, so it takes no part in the curvature pairs."""
         parts = []
@@ -426,7 +437,7 @@ class _AdamLBFGSBase(Optimizer):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             else:
                 parts.append(p.grad.reshape(-1))
-        return torch.cat(parts)
+        return torch.cat(parts) if out is None else torch.cat(parts, out=out)
 
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         views, offset = [], 0
@@ -560,8 +571,9 @@ class _AdamLBFGSBase(Optimizer):
             options = dict(c1=group["c1"], shrink=group["shrink"], max_evaluations=group["max_evaluations"])
         return make_line_search(group["line_search"], **options)
 
-    def _evaluate(self, closure: Closure) -> tuple[Any, float, torch.Tensor]:
-        """Call the closure at the current parameters: (its loss, the objective f, the gradient of f).
+    def _evaluate(self, closure: Closure, out: torch.Tensor | None = None) -> tuple[Any, float, torch.Tensor]:
+        """Call the closure at the current parameters: (its loss, the objective f, the gradient of f,
+        written into ``out`` when given).
 
         ``f`` is the closure's loss plus, for groups with ``weight_decay`` wd > 0, ``wd / 2 ||x_g||^2``:
         the term whose gradient ``wd x`` Adam's (coupled) weight decay adds, so that the L-BFGS phase
@@ -571,7 +583,7 @@ class _AdamLBFGSBase(Optimizer):
             loss = closure()
         self.closure_calls += 1
         value = float(self._loss_tensor(loss))
-        grad = self._flat_grad()
+        grad = self._flat_grad(out)
         if any(group["weight_decay"] for group in self.param_groups):
             value += self._add_weight_decay(grad)
         return loss, value, grad
@@ -617,14 +629,16 @@ class _AdamLBFGSBase(Optimizer):
         self.recovery_log.append((self._step_count, reason))
         del self.recovery_log[:-100]
 
-    def _lbfgs_direction(self, grad: torch.Tensor) -> tuple[torch.Tensor, float, float, str | None]:
-        """``d = -P H g`` (P: the per-parameter step factors), ``g'd``, the first trial step, and a
-        recovery reason when ``H`` gave no descent direction (memory reset, ``d = -P g`` instead)."""
+    def _lbfgs_direction(self, grad: torch.Tensor, out: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, float, float, str | None]:
+        """``d = -P H g`` (P: the per-parameter step factors; in ``out`` when given), ``g'd``, the first
+        trial step, and a recovery reason when ``H`` gave no descent direction (memory reset,
+        ``d = -P g`` instead)."""
         memory = self._ensure_memory()
         scales = self._step_scales()
         failure = None
         for attempt in range(2):
-            direction = memory.direction(grad, self._adam_scale)
+            direction = memory.direction(grad, self._adam_scale, out=out)
             initial_step = self._initial_step(direction)
             if scales is not None:
                 torch._foreach_mul_(self._views(direction), scales)
@@ -685,23 +699,20 @@ class _AdamLBFGSBase(Optimizer):
     def _lbfgs_step(self, closure: Closure) -> Any:
         """One L-BFGS iteration on the closure's minibatch (paper Algorithm 1, one pass of the loop)."""
         calls_before = self.closure_calls
-        loss, loss0, grad0 = self._evaluate(closure)
+        loss, loss0, grad0 = self._evaluate(closure, out=self._step_buffer("grad"))
         memory = self._ensure_memory()
         grad_max = _max_abs(grad0)
         if not (math.isfinite(loss0) and math.isfinite(grad_max)):
             self._recover(RECOVERY_NON_FINITE, self._last_good)
             self._record_lbfgs(loss0, None, None, calls_before, RECOVERY_NON_FINITE)
             return loss
-        # x_k goes into a buffer reused every step (a fresh 4 MB allocation per step costs page faults);
-        # the previous step's x_k in it is no longer needed once this step's loss proved finite.
-        if self._x0_buffer is None or self._x0_buffer.numel() != grad0.numel():
-            self._x0_buffer = torch.empty_like(grad0)
-        x0 = self._flat_params(out=self._x0_buffer)
+        # the previous step's x_k in this buffer is no longer needed once this step's loss proved finite
+        x0 = self._flat_params(out=self._step_buffer("x"))
         self._last_good = x0
         if self._converged(grad_max):
             self._record_lbfgs(loss0, grad0, 0.0, calls_before, CONVERGED)
             return loss
-        direction, gtd0, initial_step, failure = self._lbfgs_direction(grad0)
+        direction, gtd0, initial_step, failure = self._lbfgs_direction(grad0, out=self._step_buffer("direction"))
         if not gtd0 < 0:  # every parameter with a gradient is frozen or at lr 0
             self._record_lbfgs(loss0, grad0, 0.0, calls_before, NOTHING_TO_MOVE)
             return loss

@@ -164,9 +164,9 @@ def test_not_a_descent_direction_falls_back_to_steepest_descent(quadratic_proble
     original = LBFGSMemory.direction
     calls = []
 
-    def uphill_once(self, grad, scale=None):
+    def uphill_once(self, grad, scale=None, *, out=None):
         calls.append(self.count)
-        return grad.clone() if len(calls) == 1 else original(self, grad, scale)
+        return grad.clone() if len(calls) == 1 else original(self, grad, scale, out=out)
 
     monkeypatch.setattr(LBFGSMemory, "direction", uphill_once)
     gap_before = problem.gap()
