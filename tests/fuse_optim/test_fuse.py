@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fuse_optim import Fuse, FusePV
-from fuse_optim.testing import TEST_FUNCTIONS
+from fuse_optim.test_functions import TEST_FUNCTIONS
 
 from .problems import step_iterates
 
@@ -180,3 +180,14 @@ def test_blend_line_search_starts_from_x_k(theta: float, policy: str) -> None:
         for p, q in zip(trials_got, trials_expected, strict=True):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-15)
         assert fuse.last_step_info.step_size == reference.last_step_info.step_size
+
+
+@pytest.mark.parametrize("policy", ["armijo", "strong_wolfe", "fixed"])
+def test_blend_at_a_stationary_point_stays_exactly_and_records_no_recovery(policy: str) -> None:
+    """At the minimiser both updates are zero: x_{k+1} = x_k bit for bit (no theta x + (1 - theta) x rounding)
+    and the zero gradient is convergence, not a failed direction."""
+    x = torch.ones(4, dtype=torch.float64, requires_grad=True)  # Rosenbrock's minimiser: g = 0 exactly
+    fuse = Fuse([x], lr=0.1, theta=0.3, line_search=policy)
+    run(fuse, x, 20)
+    assert torch.equal(x.detach(), torch.ones(4, dtype=torch.float64))
+    assert fuse.recoveries == 0 and fuse.recovery_log == [] and fuse.last_step_info.failure == "converged"
