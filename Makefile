@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision first, pinned, so pip takes the builds on this machine's disk.
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	# the distribution was called "fuse" before it became fuse-optim: drop a stale editable install of it
+	$(PY) -m pip uninstall -q -y fuse 2>/dev/null || true
+	# the optimizer alone needs torch only; the tuning layer, the backends, dashboards and tests are extras
 	$(PY) -m pip install -q -e ".[tuning,ray,dashboards,test]"
 	touch $(STAMP)
 

@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from fuse_optim import Fuse
-from fuse_optim.testing import get_test_function
+from fuse_optim.test_functions import get_test_function
 
 
 def run(line_search: str, steps: int, theta: dict | float) -> tuple[list[float | None], float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from fuse_tune.optuna_backend import run_study
-from fuse_tune.spec import load_spec
+from fuse_tune.trial import load_spec
 
 
 def run(spec, storage: str, threads: int) -> dict:

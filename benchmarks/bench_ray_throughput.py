@@ -83,8 +83,7 @@ def one_run(spec, n_jobs: int, trials: int, workdir: Path, mlflow: bool, label: 
 def _raw_worker(study: str, barrier: Any, out: Any) -> None:
     import torch
 
-    from fuse_tune.spec import load_spec
-    from fuse_tune.trial import SeedRuns, _complete_assignment
+    from fuse_tune.trial import SeedRuns, _complete_assignment, load_spec
 
     torch.set_num_threads(1)
     spec = load_spec(study)
@@ -132,7 +131,7 @@ def main() -> None:
     import ray
 
     from fuse_tune.ray_backend import start_local_ray
-    from fuse_tune.spec import load_spec
+    from fuse_tune.trial import load_spec
 
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
         workdir = Path(tmp)

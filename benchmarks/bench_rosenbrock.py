@@ -3,7 +3,10 @@
 FusePV with the switch at step 0 (L-BFGS from the first step), ``line_search="strong_wolfe"``,
 m = 10, one ``step()`` per loop, against ``torch.optim.LBFGS`` (strong Wolfe, m = 10,
 ``max_iter=1``, ``max_eval=25``) driven the same way, and torch's default ``max_eval`` (which
-takes no step at all when ``max_iter=1``, see FINDINGS.md).
+takes no step at all when ``max_iter=1``: ``max_eval`` defaults to ``max_iter * 5 // 4 = 1``, the
+closure's first call uses it up, and the strong-Wolfe search is left ``max_ls = 0`` evaluations;
+measured here, f stays at its starting value 12.5, see BENCHMARKS.md, "L-BFGS from the first step on
+2-D Rosenbrock").
 
 Run: ``.venv/bin/python -m benchmarks.bench_rosenbrock``
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fuse_optim import FusePV
-from fuse_optim.testing.functions import rosenbrock
+from fuse_optim.test_functions import rosenbrock
 
 
 def calls_to_target(make_optimizer, target: float = 1e-10, limit: int = 2000) -> tuple[int, float]:

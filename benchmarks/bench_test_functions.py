@@ -1,6 +1,6 @@
 """FusePV against Adam (lr 0.001, the paper's setting) on the paper's four 2-D test functions.
 
-Each function starts from its default point (``fuse_optim.testing.functions``), no gradient
+Each function starts from its default point (``fuse_optim.test_functions``), no gradient
 noise, float64. FusePV runs ``epochs`` x ``steps_per_epoch`` steps with the trainer's defaults
 (Adam lr 0.001, switch at the middle epoch, Armijo L-BFGS phase) and, separately, with
 ``line_search="strong_wolfe"`` (the deterministic choice); Adam then gets exactly as many
@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fuse_optim.testing.functions import get_test_function
+from fuse_optim.test_functions import get_test_function
 from fuse_tune.train import TrainConfig, Trainer, train
 
 FUNCTIONS = ("rosenbrock", "rastrigin", "ackley", "himmelblau")

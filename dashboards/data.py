@@ -56,6 +56,7 @@ from typing import Any
 
 import pandas as pd
 
+from fuse_tune.errors import UserError
 from fuse_tune.records import (
     FIRST_PHASE,
     PER_SEED_METRICS,
@@ -91,7 +92,7 @@ COLUMNS = ("study", "trial", "run_id", "variant", "workload", "optimizer", "obje
 _NO_STATE = {"RUNNING": "running", "SCHEDULED": "running", "FAILED": STATE_FAILED, "KILLED": STATE_FAILED}
 
 
-class NoRuns(ValueError):
+class NoRuns(UserError):
     """The experiment does not exist, or holds no trial runs."""
 
 
@@ -182,7 +183,7 @@ def _client(tracking_uri: str | None, client: Any | None) -> Any:
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:  # pragma: no cover - depends on the install
-        raise ValueError("dashboards read MLflow runs: pip install 'fuse[tuning]'") from None
+        raise UserError("dashboards read MLflow runs: pip install 'fuse[tuning]'") from None
     return MlflowClient(tracking_uri=tracking_uri)
 
 

@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fuse_tune.records import Metrics
+from fuse_tune.errors import UserError
+from fuse_tune.records import Metrics, short_value
 
 __all__ = ["Plot", "plot_sensitivity", "plot_seed_variance", "plot_learning_curves", "plot_landscape",
            "plot_theta_schedules", "plot_history_batch", "plot_importance", "plot_switch_ecdf",
@@ -82,7 +83,7 @@ def _sns():
     try:
         import seaborn as sns
     except ImportError:  # pragma: no cover - depends on the install
-        raise ValueError("dashboards draw with seaborn: pip install 'fuse[dashboards]'") from None
+        raise UserError("dashboards draw with seaborn: pip install 'fuse[dashboards]'") from None
     return sns
 
 
@@ -310,8 +311,8 @@ def plot_history_batch(table: pd.DataFrame) -> Plot:
     row, column = table.columns[0], table.columns[1]
     metric = table["metric"].iloc[0]
     grid = table.pivot(index=row, columns=column, values="value").sort_index().sort_index(axis=1)
-    grid.index = [_short(v) for v in grid.index]
-    grid.columns = [_short(v) for v in grid.columns]
+    grid.index = [short_value(v) for v in grid.index]
+    grid.columns = [short_value(v) for v in grid.columns]
     figure, (ax,) = _figure(1, width=1.2 + 1.1 * grid.shape[1], height=1.0 + 0.55 * grid.shape[0])
     sns.heatmap(grid, annot=True, fmt=".4g", cmap="viridis", ax=ax, cbar_kws={"label": _label(metric)},
                 linewidths=0.5, linecolor="white")
@@ -397,12 +398,6 @@ def _null_formatter() -> Any:
     from matplotlib.ticker import NullFormatter
 
     return NullFormatter()
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float | np.floating) and float(value).is_integer():
-        return str(int(value))
-    return str(value)
 
 
 #: plot name -> renderer of the matching table in :mod:`dashboards.tables`

@@ -7,9 +7,9 @@ one-line reason goes into ``Report.skipped`` and the page. The HTML embeds its i
 network, script or stylesheet from anywhere else.
 
 The best-configuration table comes from the trials' logged objective and is checked against the Optuna study's
-``best_trial`` when the study's storage can be opened (``storage=`` or the parent run's ``Tags.STORAGE`` tag).
-Optuna is opened here without ``fuse_tune.optuna_backend`` (which imports torch): ``journal:PATH`` and
-database URLs only, and a journal file that does not exist is reported, never created.
+``best_trial`` when the study's storage can be opened (``storage=`` or the parent run's ``Tags.STORAGE`` tag),
+through :func:`fuse_tune.storage.open_storage` (no torch) with ``create=False``: a journal file that does not
+exist is reported, never created, and a database gets no tables.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dashboards import tables
 from dashboards.data import NoRuns, StudyRuns, read_experiments, tidy, trial_table
 from dashboards.plots import RENDERERS, Plot, plot_importance, plot_landscape
 from fuse_tune.records import REPORT_ARTIFACT_DIR, ROLE_STUDY, Metrics, Tags, redact
+from fuse_tune.storage import open_storage
 
 __all__ = ["Report", "build_report", "open_optuna_study", "render_html", "NoRuns"]
 
@@ -76,18 +77,10 @@ def open_optuna_study(name: str, storage: str | None) -> tuple[Any | None, str |
         import optuna
     except ImportError:  # pragma: no cover
         return None, "optuna is not installed"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        if storage.startswith("journal:") or ("://" not in storage and storage.endswith((".log", ".jsonl"))):
-            path = Path(storage[len("journal:"):] if storage.startswith("journal:") else storage)
-            if not path.is_file():
-                return None, f"journal file {path} not found"
-            from optuna.storages.journal import JournalFileBackend
-
-            backend = optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-        else:
-            backend = optuna.storages.RDBStorage(storage, skip_table_creation=True)
-        return optuna.load_study(study_name=name, storage=backend), None
+        return optuna.load_study(study_name=name, storage=open_storage(storage, create=False)), None
+    except FileNotFoundError as exc:  # a journal file that is not there
+        return None, str(exc)
     except KeyError:
         return None, f"no study named {name!r} in the Optuna storage"
     except Exception as exc:  # unreachable database, bad URL, missing driver

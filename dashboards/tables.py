@@ -11,6 +11,8 @@ Conventions shared by all of them:
   objective is not a per-epoch metric (``time_to_target``);
 * a trial's *final* value of a metric is its value at the last epoch logged for that seed; only
   ``state == "complete"`` trials are compared (a pruned trial's last epoch is not the study's last epoch);
+* a std over seeds is :func:`fuse_tune.records.seed_std` (the sample std, ddof 1; NaN for one seed), the
+  definition the trials record too;
 * ``epochs_completed = epoch + 1``: the logged value at MLflow step ``e`` measures the end of epoch ``e``, and a
   trial whose ``switch_epoch`` is ``k`` ran its first ``k`` epochs in the Adam phase, so the switch sits at
   ``epochs_completed = k`` on the same axis.
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fuse_tune.records import MAXIMIZE, STATE_COMPLETE, Metrics
+from fuse_tune.records import MAXIMIZE, STATE_COMPLETE, Metrics, seed_std, short_value
 from fuse_tune.records import direction as objective_direction
 
 __all__ = ["THRESHOLDS", "empty", "objective_of", "final_values", "sensitivity_table", "seed_variance_table",
@@ -225,7 +227,8 @@ def theta_schedule_table(table: pd.DataFrame, metric: str | None = None) -> pd.D
 def history_batch_table(table: pd.DataFrame, metric: str | None = None, row: str = "history_size",
                         column: str = "batch_size_after_switch") -> pd.DataFrame:
     """Mean final ``metric`` over seeds and trials per (``row``, ``column``) parameter cell, complete trials.
-    Columns: the two parameter names, value (mean), std (over seeds and trials; 0 for one), n (values)."""
+    Columns: the two parameter names, value (mean), std (:func:`seed_std` over seeds and trials; 0 for one
+    value), n (values)."""
     metric = metric or objective_of(table)
     missing = [name for name in (row, column) if f"param.{name}" not in table]
     if missing:
@@ -237,7 +240,7 @@ def history_batch_table(table: pd.DataFrame, metric: str | None = None, row: str
     cells = cells.rename(columns={f"param.{row}": row, f"param.{column}": column})
     if cells.empty:
         return empty(f"no complete trial of {_studies(table)} sets both {row} and {column}")
-    out = cells.groupby([row, column]).agg(value=("value", "mean"), std=("value", "std"), n=("value", "size"))
+    out = cells.groupby([row, column]).agg(value=("value", "mean"), std=("value", seed_std), n=("value", "size"))
     out = out.reset_index()
     out["std"] = out["std"].fillna(0.0)
     out["metric"] = metric
@@ -378,16 +381,10 @@ def best_configurations(trials: pd.DataFrame, optuna_best: Mapping[str, Any] | N
         rows.append({"workload": best["workload"], "study": study, "optimizer": best["optimizer"],
                      "objective": best["objective"], "trial": int(best["trial"]), "value": float(best["value"]),
                      "std": float(best["std"]), "switch_epochs": best["switch_epochs"], "variant": best["variant"],
-                     "params": ", ".join(f"{k}={_short(v)}" for k, v in params.items()), "checked": checked})
+                     "params": ", ".join(f"{k}={short_value(v)}" for k, v in params.items()), "checked": checked})
     if not rows:
         return empty("no complete trial has an objective value", columns)
     return pd.DataFrame(rows, columns=columns).sort_values(["workload", "study"]).reset_index(drop=True)
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.4g}"
-    return str(value)
 
 
 #: the comparison table's measured columns: (metric, column name, digits)
@@ -397,7 +394,7 @@ COMPARISON_METRICS = ((Metrics.TEST_ACCURACY, "test accuracy", 4), (Metrics.TRAI
 
 def comparison_table(table: pd.DataFrame) -> pd.DataFrame:
     """One row per method (optimizer) of a comparison's reruns: for each of :data:`COMPARISON_METRICS` the mean
-    and the standard deviation (ddof 1) over seeds of the value at the last epoch, the number of seeds, the
+    and the std over seeds (:func:`seed_std`, ddof 1) of the value at the last epoch, the number of seeds, the
     switch epoch over seeds (mean, min, max; NaN for methods that never switch or did not switch) and the
     diverged seeds (a non-finite final train loss). A method with several complete runs (a rerun of another
     configuration) contributes its latest-by-trial run only. Rows are ordered by mean of the objective, best
@@ -416,7 +413,7 @@ def comparison_table(table: pd.DataFrame) -> pd.DataFrame:
             finals = final_values(part, metric)
             values = finals["value"].to_numpy(dtype=float) if not finals.empty else np.array([])
             row[f"{metric}.mean"] = float(np.mean(values)) if values.size else np.nan
-            row[f"{metric}.std"] = float(np.std(values, ddof=1)) if values.size > 1 else np.nan
+            row[f"{metric}.std"] = seed_std(values)
             if metric == Metrics.TRAIN_LOSS:
                 row["seeds"] = int(values.size)
                 row["diverged"] = int((~np.isfinite(values)).sum())
@@ -461,7 +458,8 @@ def comparison_markdown(table: pd.DataFrame) -> str:
 
 def paired_differences(table: pd.DataFrame, reference: str = "fuse_pv", metric: str | None = None) -> pd.DataFrame:
     """Per method, the seed-by-seed difference ``reference - method`` of the final ``metric`` (default: the
-    objective) over the seeds both ran (paired seeds: the same data order and initialisation): mean, std (ddof 1),
+    objective) over the seeds both ran (paired seeds: the same data order and initialisation): mean, std
+    (:func:`seed_std`, ddof 1),
     the paired t statistic ``mean / (std / sqrt(n))``, and how many seeds the reference was ahead, level or behind
     (ahead = better in the metric's direction). Empty, with the reason, when ``reference`` has no complete run."""
     if table.empty:
@@ -481,7 +479,7 @@ def paired_differences(table: pd.DataFrame, reference: str = "fuse_pv", metric: 
         both = wide[[reference, method]].dropna()
         diff = (both[reference] - both[method]).to_numpy(dtype=float)
         n = diff.size
-        std = float(np.std(diff, ddof=1)) if n > 1 else np.nan
+        std = seed_std(diff)
         mean = float(diff.mean()) if n else np.nan
         t = mean / (std / np.sqrt(n)) if n > 1 and std > 0 else np.nan
         ahead = int((sign * diff > 0).sum())

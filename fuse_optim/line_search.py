@@ -202,8 +202,9 @@ class Armijo:
     Trials ``t = initial_step * shrink**i`` for ``i = 0, 1, ...`` until
     ``f(x_k + t d) <= f(x_k) + c1 t g_k^T d``. On minibatches the first trial is capped (the
     caller passes ``min(1, cap)``): a full quasi-Newton step fitted to one small batch overfits it
-    (see ``FINDINGS.md``), while backtracking from a capped step is stable and usually costs one
-    evaluation.
+    (logistic regression with L2 on digits, batch 64, 5 seeds: Armijo from t = 1 ends 0.0348 from
+    f*, from 0.1 0.0237; BENCHMARKS.md, "Minibatch second phase"), while backtracking from a capped
+    step is stable and usually costs one evaluation.
     """
 
     c1: float = 1e-4

@@ -1,5 +1,21 @@
 """Test functions with known global minima, as differentiable torch functions.
 
+``fuse_optim.test_functions`` is public and, like the rest of ``fuse_optim``, needs torch only: try
+an optimizer on a function here without installing the tuning layer. ``fuse_optim``'s own tests use
+these functions, and ``fuse_tune.workloads`` wraps them as the function workloads
+(``rosenbrock``, ``rastrigin``, ``ackley``, ``himmelblau``, ``quadratic``) that studies name; they
+live in the optimizer package because ``fuse_optim`` never imports ``fuse_tune``.
+
+```python
+import torch
+from fuse_optim import FusePV
+from fuse_optim.test_functions import get_test_function
+
+rosenbrock = get_test_function("rosenbrock")
+x = torch.tensor(rosenbrock.default_start(2), dtype=torch.float64, requires_grad=True)
+opt = FusePV([x], switch={"criterion": "step", "step": 0}, line_search="strong_wolfe")
+```
+
 Every function takes a tensor ``x`` of shape ``(..., n)`` (a 1-D point is the common case; leading
 batch dimensions are kept, which is handy for drawing landscapes) and returns a tensor of shape
 ``(...)``. All of them are dimensionless: the value is the objective, ``x`` the coordinates.

@@ -4,8 +4,9 @@
     fuse-tune report --experiment NAME [--out DIR] [--mlflow-uri URI] [--storage URL]
     fuse-tune list
 
-Bad input exits with status 2 and one line naming what was wrong and what is accepted; no
-tracebacks.
+Bad input (a :class:`fuse_tune.errors.UserError`, or an argument argparse refuses) exits with status 2
+and one line naming what was wrong and what is accepted, no traceback. Any other exception is a bug and
+shows its traceback (exit 1). ``fuse-tune --debug ...`` shows the traceback of bad input too.
 """
 
 from __future__ import annotations
@@ -13,19 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fuse_tune.errors import UserError
 from fuse_tune.records import REPORT_ARTIFACT_DIR, Metrics, redact
 
 __all__ = ["main", "parse_assignments"]
 
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
+class CLIError(UserError):
+    """A command-line argument is wrong: printed as one line, exit status 2."""
 
 
 def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
@@ -83,20 +86,28 @@ def _format_epoch(m: Any) -> str:
     return " | ".join(parts)
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 def _command_train(args: argparse.Namespace) -> int:
-    from fuse_tune.train import TrainConfig, train
+    from fuse_tune.train import TrainConfig, Trainer
 
     settings = parse_assignments(args.set or [])
     from fuse_tune.trial import split_settings
 
-    trainer, workload_options, optimizer_args = split_settings(args.workload, settings)
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed), ("data_dir", args.data_dir),
-                                   ("device", args.device), ("threads", args.threads)) if v is not None}
-    config = TrainConfig(workload=args.workload, optimizer=args.optimizer, optimizer_args=optimizer_args,
-                         workload_options=workload_options, **{**trainer, **overrides})
-    if args.download:
-        config.download = True
-    config.validate()
+    try:  # the user's settings meet the real constructors: what they refuse is the user's input, one line
+        trainer_settings, workload_options, optimizer_args = split_settings(args.workload, settings)
+        overrides = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed), ("data_dir", args.data_dir),
+                                       ("device", args.device), ("threads", args.threads)) if v is not None}
+        config = TrainConfig(workload=args.workload, optimizer=args.optimizer, optimizer_args=optimizer_args,
+                             workload_options=workload_options, **{**trainer_settings, **overrides})
+        if args.download:
+            config.download = True
+        config.validate()
+        trainer = Trainer(config)  # data, model and optimizer; training errors past this point are bugs
+    except (ValueError, TypeError) as exc:
+        raise UserError(_first_line(exc)) from exc
     from tqdm import tqdm
 
     progress = tqdm(total=config.epochs, desc=f"{config.workload} / {config.optimizer}", unit="epoch",
@@ -107,10 +118,15 @@ def _command_train(args: argparse.Namespace) -> int:
         progress.set_postfix(loss=f"{metrics.train_loss:.4g}", phase=metrics.phase)
         tqdm.write(_format_epoch(metrics), file=sys.stdout)
 
-    try:
-        result = train(config, on_epoch)
+    try:  # fuse_tune.train.train's loop, on the trainer built above
+        while not trainer.done:
+            metrics = trainer.run_epoch()
+            if trainer.result.stopped_early:
+                break
+            on_epoch(metrics)
     finally:
         progress.close()
+    result = trainer.result
     final = result.final
     print(f"\nsummary: workload={config.workload} optimizer={config.optimizer} seed={config.seed} "
           f"epochs={len(result.history)}")
@@ -128,73 +144,37 @@ def _command_train(args: argparse.Namespace) -> int:
         print("  stopped early: the training loss became non-finite")
     if args.json:
         payload = {"config": vars(config), "history": [m.as_dict() for m in result.history]}
-        Path(args.json).write_text(json.dumps(payload,
-                                              indent=2, default=str))
+        try:
+            Path(args.json).write_text(json.dumps(payload,
+                                                  indent=2, default=str))
+        except OSError as exc:  # a folder that does not exist, no permission: the path is the user's
+            raise UserError(f"--json {args.json}: cannot write ({exc.strerror or type(exc).__name__})") from exc
         print(f"  history written to {args.json}")
     return 0
 
 
 def _command_run(args: argparse.Namespace, *, must_exist: bool = False) -> int:
-    from fuse_tune.optuna_backend import run_study
-    from fuse_tune.spec import load_spec
+    """``run``/``resume`` with either backend: the study, then :func:`fuse_tune.summary.summary_lines`."""
+    from fuse_tune.summary import summary_lines
     from fuse_tune.tracking import default_tracking_uri
+    from fuse_tune.trial import load_spec
 
-    spec = load_spec(args.study)
-    if args.backend == "ray":
-        return _command_run_ray(args, spec, must_exist=must_exist)
-    if args.address:
+    spec = load_spec(args.study)  # parse (fuse_tune.spec), then the dry run through the real constructors
+    if args.backend != "ray" and args.address:
         raise CLIError("--address joins a Ray cluster: use it with --backend ray")
     tracking = None if args.no_mlflow else (args.mlflow_uri or default_tracking_uri())
-    summary = run_study(spec, n_trials=args.n_trials, n_jobs=1 if args.n_jobs is None else args.n_jobs,
-                        storage=args.storage, tracking_uri=tracking, must_exist=must_exist, threads=args.threads,
-                        device=args.device, progress=not args.quiet)
-    _print_summary(spec, summary)
-    print(f"storage: {redact(summary.storage_url)}")
-    if summary.tracking_uri:
-        print(f"browse the runs: mlflow ui --backend-store-uri {redact(summary.tracking_uri)}")
-    url = summary.storage_url
-    dashboard = url[len("journal:"):] if url.startswith("journal:") else redact(url)
-    print(f"browse the study: optuna-dashboard {dashboard}")
+    options = dict(n_trials=args.n_trials, storage=args.storage, tracking_uri=tracking, must_exist=must_exist,
+                   threads=args.threads, device=args.device, progress=not args.quiet)
+    if args.backend == "ray":  # see fuse_tune/ray_backend/
+        from fuse_tune.ray_backend import run_ray_study
+
+        summary = run_ray_study(spec, n_jobs=args.n_jobs, address=args.address, **options)
+    else:
+        from fuse_tune.optuna_backend import run_study
+
+        summary = run_study(spec, n_jobs=1 if args.n_jobs is None else args.n_jobs, **options)
+    print("\n".join(summary_lines(spec, summary)))
     return 0
-
-
-def _print_summary(spec: Any, summary: Any) -> None:
-    """Trial counts and the best configurations (either backend's summary)."""
-    counts = summary.counts()
-    print(f"study {spec.name}: " + ", ".join(f"{n.lower()} {c}" for n, c in sorted(counts.items())))
-    rows = summary.best_rows()
-    if rows:
-        metric = spec.objective.metric
-        print(f"best configurations ({metric}, mean +- std over seeds {list(spec.seeds)}):")
-        print(f"  {'trial':>5}  {metric:>16}  {'std':>8}  {'switch epochs':>13}  parameters")
-        for row in rows:
-            switch = ",".join("-" if e is None else str(e) for e in (row["switch_epochs"] or []))
-            params = ", ".join(f"{k}={_short(v)}" for k, v in row["params"].items())
-            std = "" if row["std"] is None else f"{row['std']:.4g}"
-            print(f"  {row['trial']:>5}  {row['value']:>16.6g}  {std:>8}  {switch:>13}  {params}")
-
-
-# ------------------------------------------------------------------ --backend ray
-
-
-def _command_run_ray(args: argparse.Namespace, spec: Any, *, must_exist: bool) -> int:
-    """``run``/``resume`` with ``--backend ray`` (see fuse_tune/ray_backend.py)."""
-    from fuse_tune.ray_backend import run_ray_study
-    from fuse_tune.tracking import default_tracking_uri
-
-    tracking = None if args.no_mlflow else (args.mlflow_uri or default_tracking_uri())
-    summary = run_ray_study(spec, n_trials=args.n_trials, n_jobs=args.n_jobs, address=args.address,
-                            storage=args.storage, tracking_uri=tracking, must_exist=must_exist, threads=args.threads,
-                            device=args.device, progress=not args.quiet)
-    _print_summary(spec, summary)
-    print(f"ray results: {summary.storage_url} ({summary.nodes} node(s))")
-    if summary.tracking_uri:
-        print(f"browse the runs: mlflow ui --backend-store-uri {redact(summary.tracking_uri)}")
-    return 0
-
-
-def _short(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _command_report(args: argparse.Namespace) -> int:
@@ -282,6 +262,8 @@ def _command_list(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuse-tune", description="Train and tune FUSE / FUSE-PV.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of bad input too (a bug always shows one)")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="one training run with per-epoch metrics")
     train.add_argument("--workload", required=True, help="a workload name (see `fuse-tune list`)")
@@ -345,13 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Bad input (:class:`UserError`) is one line and exit 2 (with ``--debug``, its traceback
+    first); any other exception propagates with its traceback (a bug, exit 1)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # argparse's own errors: usage and one line, exit 2
     try:
         return args.handler(args)
-    except (CLIError, ValueError, FileNotFoundError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"fuse-tune: error: {message}", file=sys.stderr)
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"fuse-tune: error: {_first_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fuse-tune: interrupted", file=sys.stderr)

@@ -48,10 +48,10 @@ from typing import Any
 
 import yaml
 
+from fuse_tune.errors import UserError
 from fuse_tune.optimizers import OPTIMIZERS
 from fuse_tune.records import (
     STATE_COMPLETE,
-    STATE_FAILED,
     Metrics,
     StudyParams,
     Tags,
@@ -59,8 +59,20 @@ from fuse_tune.records import (
     redact,
     tag_equals,
 )
-from fuse_tune.spec import SpecError, StudySpec, _fail, _flatten, _is_int, load_spec, nest, parse_spec, read_yaml
-from fuse_tune.tracking import MlflowTracker
+from fuse_tune.spec import (
+    SpecError,
+    StudySpec,
+    _fail,
+    _flatten,
+    _is_int,
+    mapping,
+    nest,
+    parse_spec,
+    read_spec,
+    read_yaml,
+    seed_list,
+)
+from fuse_tune.tracking import MlflowTracker, fail_trial_run
 
 __all__ = ["Comparison", "MethodPlan", "load_comparison", "method_study", "run_comparison", "ROLE_TAG"]
 
@@ -105,23 +117,11 @@ class MethodPlan:
 
 
 def _seeds(raw: Any, where: str) -> tuple[int, ...]:
-    if _is_int(raw):
-        raw = [raw]
-    if not isinstance(raw, list) or not raw or not all(_is_int(s) and s >= 0 for s in raw) or len(set(raw)) < len(raw):
-        raise _fail(where, f"expected a non-empty list of distinct integers >= 0, got {raw!r}")
-    return tuple(raw)
+    return seed_list(raw, where, one_message=True)
 
 
 def _mapping(raw: Any, where: str, accepted: Sequence[str] | None = None) -> dict[str, Any]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise _fail(where, f"expected a mapping, got {raw!r}")
-    if accepted is not None:
-        unknown = sorted(set(raw) - set(accepted))
-        if unknown:
-            raise _fail(f"{where}.{unknown[0]}" if where else unknown[0], f"unknown field; accepted: {list(accepted)}")
-    return dict(raw)
+    return mapping(raw, where, accepted, name_unknown=True)
 
 
 def parse_comparison(raw: Any, *, path: str | None = None) -> Comparison:
@@ -227,12 +227,12 @@ def load_comparison(path: str | Path, out_dir: str | Path, *, data_dir: str | No
         study_path = _write_study(comparison, method, studies)
         try:
             if comparison.methods[method]["search"]:
-                spec = load_spec(study_path)
+                spec = read_spec(study_path)
             else:
-                from fuse_tune.trial import check_spec
-
                 spec = parse_spec(method_study(comparison, method), path=str(study_path), require_search=False)
-                check_spec(spec)
+            from fuse_tune.trial import check_spec  # the dry run, after parsing (torch is imported here)
+
+            check_spec(spec)
         except SpecError as exc:
             message = str(exc).removeprefix(f"{study_path}: ")
             where = message.split(":", 1)[0]
@@ -304,8 +304,7 @@ def _rerun(comparison: Comparison, plan: MethodPlan, index: int, parent_run_id: 
     try:
         outcome = run_trial(spec, {}, run=run, threads=threads, device=device)
     except BaseException as exc:
-        run.set_tags({Tags.STATE: STATE_FAILED, Tags.ERROR: f"{type(exc).__name__}: {exc}"})
-        run.finish("FAILED" if isinstance(exc, Exception) else "KILLED")
+        fail_trial_run(run, exc)
         raise
     log_outcome(run, outcome, spec)
     run.finish("FINISHED")
@@ -317,9 +316,9 @@ def run_comparison(path: str | Path, *, out_dir: str | Path, n_jobs: int = 1, st
                    data_dir: str | None = None, progress: bool = True) -> tuple[Comparison, list[MethodPlan], str]:
     """Tune every method, rerun each best configuration on the rerun seeds; returns the plans and the parent run."""
     if n_jobs < 1:
-        raise ValueError(f"--n-jobs must be >= 1, got {n_jobs}")
+        raise UserError(f"--n-jobs must be >= 1, got {n_jobs}")
     if not tracking_uri:
-        raise ValueError("--mlflow-uri: a comparison logs its reruns to MLflow and reads its table from there; "
+        raise UserError("--mlflow-uri: a comparison logs its reruns to MLflow and reads its table from there; "
                          "give a tracking URI (default sqlite:///$PWD/mlflow.db)")
     comparison, plans = load_comparison(path, out_dir, data_dir=data_dir)
     for plan in plans:

@@ -100,7 +100,14 @@ class AdamThenSGD(torch.optim.Optimizer):
 def _torch_lbfgs(params: Iterable[torch.Tensor], lr: float = 1.0, history_size: int = 10, max_iter: int = 1,
                  max_eval: int = 25, line_search_fn: str | None = "strong_wolfe", tolerance_grad: float = 0.0,
                  tolerance_change: float = 0.0) -> torch.optim.LBFGS:
-    """torch.optim.LBFGS with settings that make it take a step per minibatch (see FINDINGS.md)."""
+    """torch.optim.LBFGS with settings that make it take a step per minibatch.
+
+    With ``max_iter=1`` torch's default ``max_eval`` (``max_iter * 5 // 4 = 1``) is used up by the
+    closure's first call and the strong-Wolfe search gets no evaluation: no step is ever taken (2-D
+    Rosenbrock from (-1.5, 2) stays at f = 12.5, BENCHMARKS.md, "L-BFGS from the first step on 2-D
+    Rosenbrock"). ``max_eval=25`` lets it step (90 closure calls to f < 1e-10 there), and
+    ``tolerance_grad = tolerance_change = 0`` switch off its stopping tests, which are absolute.
+    """
     return torch.optim.LBFGS(params, lr=lr, history_size=history_size, max_iter=max_iter, max_eval=max_eval,
                              line_search_fn=line_search_fn, tolerance_grad=tolerance_grad,
                              tolerance_change=tolerance_change)

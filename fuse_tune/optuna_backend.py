@@ -1,12 +1,15 @@
 """Optuna backend: a study file -> an Optuna study in durable storage, workers, MLflow runs.
 
-Storage (``--storage`` or the study file's ``storage``):
+Storage (``--storage`` or the study file's ``storage``; :mod:`fuse_tune.storage` resolves and opens it):
 
 * default: Optuna's journal file ``./fuse-studies.log`` (``JournalFileBackend``), safe for several
   worker processes on one machine; ``journal:PATH`` names another file;
 * ``sqlite:///...``: one process only (SQLite locks under parallel writers);
 * any other SQLAlchemy URL (``postgresql://...``): many machines. Workers send heartbeats; a trial
   whose worker died is failed by the next worker and retried once with the same parameters.
+
+Optuna's private API (per-trial reseeding of the samplers, trial attributes set through the storage) is
+used through :mod:`fuse_tune.optuna_adapter` only.
 
 Exactly ``trials`` trials finish (complete or pruned) however many workers share the study: a
 worker starts a trial only while fewer than ``trials`` are finished or running, and a trial that
@@ -25,20 +28,28 @@ import os
 import socket
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from fuse_tune.records import STATE_FAILED, STATE_PRUNED, OptunaAttrs, Tags, redact
-from fuse_tune.spec import SpecError, StudySpec, load_spec
-from fuse_tune.tracking import MlflowTracker, NullTracker, default_tracking_uri, versions
-from fuse_tune.trial import TrialOutcome, log_outcome, run_trial, study_run_info, suggest, trial_tags
+from fuse_tune.errors import UserError
+from fuse_tune.optuna_adapter import (
+    _unpickle_trial_seeded,  # noqa: F401 - named by samplers pickled before it moved
+    fail_trial,
+    set_trial_system_attr,
+    trial_seeded,
+)
+from fuse_tune.records import STATE_PRUNED, OptunaAttrs, redact
+from fuse_tune.spec import SpecError, StudySpec, read_spec
+from fuse_tune.storage import DEFAULT_JOURNAL, open_storage, resolve_storage_url
+from fuse_tune.storage import import_optuna as _optuna
+from fuse_tune.summary import StudySummaryBase, TrialRow
+from fuse_tune.tracking import MlflowTracker, NullTracker, default_tracking_uri, end_trial_run, fail_trial_run, versions
+from fuse_tune.trial import TrialOutcome, log_outcome, run_trial, start_study_run, suggest, trial_tags
 
-__all__ = ["StudyMismatch", "open_storage", "prepare_study", "run_study", "StudySummary", "DEFAULT_JOURNAL"]
+__all__ = ["StudyMismatch", "open_storage", "resolve_storage_url", "prepare_study", "run_study", "StudySummary",
+           "DEFAULT_JOURNAL"]
 
-DEFAULT_JOURNAL = "fuse-studies.log"
 #: a worker stops (exit status 2) after this many failed trials in a row: a setting that always fails
 #: (a model that cannot be built, a data set that cannot be read) must not spin forever
 MAX_FAILURES_IN_A_ROW = 5
@@ -46,115 +57,6 @@ MAX_FAILURES_IN_A_ROW = 5
 
 class StudyMismatch(SpecError):
     """The stored study was created from a different search space."""
-
-
-def _optuna():
-    try:
-        import optuna
-    except ImportError:  # pragma: no cover
-        raise ValueError("studies need the 'tuning' extra: pip install 'fuse[tuning]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna
-
-
-def resolve_storage_url(url: str | None, workdir: str | os.PathLike[str] | None = None) -> str:
-    """An absolute storage URL: the default journal, ``journal:PATH``, a ``*.log`` path, or a DB URL."""
-    workdir = Path(workdir or os.getcwd())
-    if url is None:
-        return f"journal:{(workdir / DEFAULT_JOURNAL).resolve()}"
-    if url.startswith("journal:"):
-        return f"journal:{(workdir / url[len('journal:'):]).resolve()}"
-    if "://" not in url:
-        if url.endswith((".log", ".jsonl", ".journal")):
-            return f"journal:{(workdir / url).resolve()}"
-        raise ValueError(f"storage must be a URL (sqlite:///..., postgresql://...) or journal:PATH, "
-                         f"got {redact(url)!r}")
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
-        return f"sqlite:///{(workdir / url[len('sqlite:///'):]).resolve()}"
-    return url
-
-
-def open_storage(url: str) -> Any:
-    """The Optuna storage object for a URL from :func:`resolve_storage_url`."""
-    optuna = _optuna()
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        path = Path(url[len("journal:"):])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith("sqlite:"):
-        return optuna.storages.RDBStorage(url)
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
-
-    try:
-        for attempt in range(6):
-            try:
-                with warnings.catch_warnings():
-                    # Heartbeats are "experimental" and failed_trial_callback "deprecated" in Optuna 5, and both
-                    # are what keeps a dead worker's trial from staying RUNNING: keep stderr to one line.
-                    warnings.simplefilter("ignore", FutureWarning)
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(
-                        url, heartbeat_interval=30, grace_period=90,
-                        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
-                        engine_kwargs={"pool_pre_ping": True},
-                    )
-            except (IntegrityError, ProgrammingError):
-                # Workers started together on an empty database race to create Optuna's tables (duplicate
-                # pg_type / relation): the losers retry and find the tables made.
-                if attempt == 5:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
-    except Exception as exc:  # connection refused, bad credentials, missing driver, ...
-        raise ValueError(f"storage {redact(url)}: cannot open ({type(exc).__name__}: "
-                         f"{redact(str(exc).splitlines()[0] if str(exc) else '')})") from None
-
-
-_TRIAL_SEEDED: dict[type, type] = {}
-
-
-def _trial_seeded(cls: type) -> type:
-    """``cls`` whose random streams restart in every trial from (study seed, trial number).
-
-    A seeded sampler that keeps one stream per process replays the same configurations in every process that
-    shares the study (separate ``fuse-tune run`` workers, a resumed run). Trial numbers are unique in a study,
-    so seeding by them gives distinct draws across processes and resumes, and a fresh one-process run is still
-    reproducible.
-    """
-    if cls in _TRIAL_SEEDED:
-        return _TRIAL_SEEDED[cls]
-
-    class TrialSeeded(cls):
-        def __init__(self, *args: Any, seed: int | None = None, **kwargs: Any) -> None:
-            super().__init__(*args, seed=seed, **kwargs)
-            self._fuse_seed = seed
-
-        def before_trial(self, study: Any, trial: Any) -> None:
-            if self._fuse_seed is not None:
-                import numpy as np
-
-                streams = np.random.SeedSequence([self._fuse_seed, trial.number]).generate_state(3)
-                owners = (self, getattr(self, "_random_sampler", None), getattr(self, "_independent_sampler", None))
-                for owner, stream in zip(owners, streams, strict=True):
-                    rng = getattr(owner, "_rng", None)
-                    if rng is not None:
-                        rng.rng.seed(int(stream))
-            super().before_trial(study, trial)
-
-        def __reduce__(self) -> tuple:  # picklable although the class is made at run time
-            return _unpickle_trial_seeded, (cls, self.__dict__)
-
-    TrialSeeded.__name__ = TrialSeeded.__qualname__ = cls.__name__
-    _TRIAL_SEEDED[cls] = TrialSeeded
-    return TrialSeeded
-
-
-def _unpickle_trial_seeded(cls: type, state: dict[str, Any]) -> Any:
-    seeded = _trial_seeded(cls)
-    sampler = seeded.__new__(seeded)
-    sampler.__dict__.update(state)
-    return sampler
 
 
 def make_sampler(spec: StudySpec, worker_index: int = 0) -> Any:
@@ -165,16 +67,16 @@ def make_sampler(spec: StudySpec, worker_index: int = 0) -> Any:
     seed = options.get("seed")
     name = options["name"]
     if name == "tpe":
-        return _trial_seeded(optuna.samplers.TPESampler)(seed=seed,
+        return trial_seeded(optuna.samplers.TPESampler)(seed=seed,
                                                          n_startup_trials=options.get("n_startup_trials", 10))
     if name == "random":
-        return _trial_seeded(optuna.samplers.RandomSampler)(seed=seed)
+        return trial_seeded(optuna.samplers.RandomSampler)(seed=seed)
     if name == "qmc":
-        return _trial_seeded(optuna.samplers.QMCSampler)(seed=seed, warn_independent_sampling=False)
+        return trial_seeded(optuna.samplers.QMCSampler)(seed=seed, warn_independent_sampling=False)
     if name == "cmaes":
-        return _trial_seeded(optuna.samplers.CmaEsSampler)(seed=seed, warn_independent_sampling=False)
+        return trial_seeded(optuna.samplers.CmaEsSampler)(seed=seed, warn_independent_sampling=False)
     grid = {p.name: list(p.choices) for p in spec.search}
-    return _trial_seeded(optuna.samplers.GridSampler)(grid, seed=seed)
+    return trial_seeded(optuna.samplers.GridSampler)(grid, seed=seed)
 
 
 def make_pruner(spec: StudySpec) -> Any:
@@ -203,7 +105,7 @@ def prepare_study(spec: StudySpec, storage_url: str, *, must_exist: bool = False
                                   pruner=make_pruner(spec))
     except KeyError:
         if must_exist:
-            raise ValueError(f"no study named {spec.name!r} in {redact(storage_url)}; start it with "
+            raise UserError(f"no study named {spec.name!r} in {redact(storage_url)}; start it with "
                              f"`fuse-tune run {spec.path or 'STUDY.yaml'}`") from None
         study = optuna.create_study(study_name=spec.name, storage=storage, directions=spec.objective.directions,
                                     sampler=make_sampler(spec), pruner=make_pruner(spec), load_if_exists=True)
@@ -252,9 +154,8 @@ def _fail_dead_local_trials(study: Any) -> int:
         pid = attrs.get(OptunaAttrs.PID)
         if attrs.get(OptunaAttrs.HOST) != host or pid is None or _alive(int(pid)):
             continue
-        try:  # the reason first: a finished trial cannot be updated
-            study._storage.set_trial_system_attr(trial._trial_id, OptunaAttrs.FAIL_REASON, f"worker pid {pid} died")
-            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        try:
+            fail_trial(study, trial, OptunaAttrs.FAIL_REASON, f"worker pid {pid} died")
         except Exception:  # another worker got there first
             continue
         if OptunaAttrs.RETRY_OF not in trial.user_attrs:  # enqueue_trial stores it as a user attribute
@@ -338,15 +239,14 @@ def _objective_factory(spec: StudySpec, config: WorkerConfig, tracker: Any, stud
             trial.set_user_attr(OptunaAttrs.SURPLUS, True)
             _SURPLUS_TRIALS.add(trial.number)
             raise _Surplus()
-        storage, trial_id = study._storage, trial._trial_id
-        storage.set_trial_system_attr(trial_id, OptunaAttrs.PID, os.getpid())
-        storage.set_trial_system_attr(trial_id, OptunaAttrs.HOST, socket.gethostname())
+        set_trial_system_attr(study, trial, OptunaAttrs.PID, os.getpid())
+        set_trial_system_attr(study, trial, OptunaAttrs.HOST, socket.gethostname())
         sampled = suggest(trial, spec.search)
         settings = spec.configuration(sampled)
         run = tracker.start_trial(config.parent_run_id, f"{spec.name}-trial-{trial.number}", settings,
                                   trial_tags(spec, settings, trial.number, "optuna"))
         if run.run_id is not None:
-            storage.set_trial_system_attr(trial_id, OptunaAttrs.MLFLOW_RUN_ID, run.run_id)
+            set_trial_system_attr(study, trial, OptunaAttrs.MLFLOW_RUN_ID, run.run_id)
 
         def report(step: int, value: float) -> None:
             if multi or not math.isfinite(value):
@@ -358,12 +258,10 @@ def _objective_factory(spec: StudySpec, config: WorkerConfig, tracker: Any, stud
         try:
             outcome = run_trial(spec, sampled, report=report, run=run, threads=config.threads, device=config.device)
         except optuna.TrialPruned:
-            run.set_tags({Tags.STATE: STATE_PRUNED})
-            run.finish("FINISHED")
+            end_trial_run(run, STATE_PRUNED, "FINISHED")
             raise
         except BaseException as exc:
-            run.set_tags({Tags.STATE: STATE_FAILED, Tags.ERROR: f"{type(exc).__name__}: {exc}"})
-            run.finish("FAILED" if isinstance(exc, Exception) else "KILLED")
+            fail_trial_run(run, exc)
             raise
         _record_outcome(trial, run, outcome, spec)
         run.finish("FINISHED")
@@ -386,7 +284,7 @@ def work(config: WorkerConfig, on_trial: Callable[[], None] | None = None) -> in
     """One worker: run trials until the study has ``n_trials`` finished ones (or the timeout)."""
     optuna = _optuna()
     _quiet_surplus_logs()
-    spec = load_spec(config.spec_path, check=False)
+    spec = read_spec(config.spec_path)  # checked by the driver before any worker started
     storage = open_storage(config.storage_url)
     study = optuna.load_study(study_name=spec.name, storage=storage,
                               sampler=make_sampler(spec, config.worker_index), pruner=make_pruner(spec))
@@ -414,7 +312,7 @@ def work(config: WorkerConfig, on_trial: Callable[[], None] | None = None) -> in
                   file=sys.stderr)
             failures_in_a_row += 1
             if failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-                raise ValueError(f"{MAX_FAILURES_IN_A_ROW} trials in a row failed; the last with "
+                raise UserError(f"{MAX_FAILURES_IN_A_ROW} trials in a row failed; the last with "
                                  f"{type(exc).__name__}: {redact(first_line)}") from None
         else:
             failures_in_a_row = 0
@@ -434,7 +332,7 @@ def _worker_main(config: WorkerConfig) -> None:
         work(config)
     except KeyboardInterrupt:
         sys.exit(130)
-    except (SpecError, ValueError, FileNotFoundError) as exc:
+    except UserError as exc:  # one line, exit 2, as fuse-tune does; anything else is a bug: its traceback, exit 1
         print(f"fuse-tune: error: {redact(str(exc).splitlines()[0])}", file=sys.stderr)
         sys.exit(2)
 
@@ -443,29 +341,32 @@ def _worker_main(config: WorkerConfig) -> None:
 
 
 @dataclass
-class StudySummary:
+class StudySummary(StudySummaryBase):
+    """What an Optuna study ended with (:class:`fuse_tune.summary.StudySummaryBase`); ``study`` is the Optuna
+    study."""
+
     study: Any
     storage_url: str
     tracking_uri: str | None
     parent_run_id: str | None
 
-    def best_rows(self, limit: int = 5) -> list[dict[str, Any]]:
-        TrialState = _states()
-        complete = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        if not complete:
-            return []
-        maximize = self.study.directions[0].name == "MAXIMIZE"
-        complete.sort(key=lambda t: t.values[0], reverse=maximize)
-        return [{"trial": t.number, "value": t.values[0], "std": t.user_attrs.get(OptunaAttrs.VALUE_STD),
-                 "cost": t.user_attrs.get(OptunaAttrs.COST),
-                 "switch_epochs": t.user_attrs.get(OptunaAttrs.SWITCH_EPOCHS), "params": t.params}
-                for t in complete[:limit]]
+    @property
+    def maximize(self) -> bool:
+        return self.study.directions[0].name == "MAXIMIZE"
 
-    def counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
+    def trial_rows(self) -> list[TrialRow]:
+        rows = []
         for t in self.study.get_trials(deepcopy=False):
-            counts[t.state.name] = counts.get(t.state.name, 0) + 1
-        return counts
+            complete = t.state.name == "COMPLETE"
+            rows.append(TrialRow(t.number, t.state.name, t.values[0] if complete else None,
+                                 t.user_attrs.get(OptunaAttrs.VALUE_STD), t.user_attrs.get(OptunaAttrs.COST),
+                                 t.user_attrs.get(OptunaAttrs.SWITCH_EPOCHS), t.params))
+        return rows
+
+    def locations(self) -> list[str]:
+        url = self.storage_url
+        dashboard = url[len("journal:"):] if url.startswith("journal:") else redact(url)
+        return [f"storage: {redact(url)}", *self.mlflow_lines(), f"browse the study: optuna-dashboard {dashboard}"]
 
 
 def run_study(spec: StudySpec, *, n_trials: int | None = None, n_jobs: int = 1, storage: str | None = None,
@@ -473,23 +374,19 @@ def run_study(spec: StudySpec, *, n_trials: int | None = None, n_jobs: int = 1, 
               device: str | None = None, progress: bool = True) -> StudySummary:
     """Run (or resume) a study to ``n_trials`` finished trials with ``n_jobs`` worker processes."""
     if n_jobs < 1:
-        raise ValueError(f"--n-jobs must be >= 1, got {n_jobs}")
+        raise UserError(f"--n-jobs must be >= 1, got {n_jobs}")
     n_trials = n_trials if n_trials is not None else spec.trials
     if n_trials < 1:
-        raise ValueError(f"--n-trials must be >= 1, got {n_trials}")
+        raise UserError(f"--n-trials must be >= 1, got {n_trials}")
     storage_url = resolve_storage_url(storage or spec.storage)
     if storage_url.startswith("sqlite:") and n_jobs > 1:
-        raise ValueError("storage: SQLite locks under parallel writers; with --n-jobs > 1 use the default journal "
+        raise UserError("storage: SQLite locks under parallel writers; with --n-jobs > 1 use the default journal "
                          "file or a PostgreSQL URL")
     study = prepare_study(spec, storage_url, must_exist=must_exist)
     _fail_dead_local_trials(study)
     if tracking_uri == "default":
         tracking_uri = default_tracking_uri()
-    parent_run_id = None
-    if tracking_uri:
-        tracker = MlflowTracker(tracking_uri, experiment=spec.name)
-        tags, params = study_run_info(spec, n_trials, "optuna", redact(storage_url))
-        parent_run_id = tracker.start_study(spec.name, tags=tags, params=params, artifact=spec.path)
+    parent_run_id = start_study_run(spec, tracking_uri, n_trials, "optuna", storage_url)
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // n_jobs)
     base = WorkerConfig(spec_path=spec.path, storage_url=storage_url, tracking_uri=tracking_uri,
@@ -543,6 +440,6 @@ def _run_processes(base: WorkerConfig, n_jobs: int, study: Any, bar: Any, n_tria
         process.join()
     codes = [p.exitcode for p in processes]
     if any(code == 2 for code in codes):
-        raise ValueError("a worker stopped on an error (see the line above)")
+        raise UserError("a worker stopped on an error (see the line above)")
     if any(code not in (0, None) for code in codes):
         raise RuntimeError(f"worker processes exited with codes {codes}")

@@ -22,6 +22,8 @@ An Optuna study (the Optuna backend) records :class:`OptunaAttrs` on the study a
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -31,7 +33,8 @@ __all__ = ["Tags", "OptunaAttrs", "StudyParams", "Metrics", "ROLE_STUDY", "ROLE_
            "PER_SEED_METRICS", "EPOCH_MEAN_METRICS", "OBJECTIVE_METRICS", "COST_METRICS", "MAXIMIZE", "MINIMIZE",
            "DIRECTIONS", "NEVER_SWITCHED", "FIRST_PHASE", "REPORT_ARTIFACT_DIR", "direction", "second_phase_name",
            "per_seed_key", "parse_per_seed_key", "objective_key", "objective_std_key", "cost_key",
-           "encode_switch_epochs", "decode_switch_epochs", "flatten_params", "tag_equals", "redact"]
+           "encode_switch_epochs", "decode_switch_epochs", "flatten_params", "tag_equals", "redact", "SEED_STD_DDOF",
+           "seed_std", "short_value"]
 
 
 # ------------------------------------------------------------------ MLflow tags
@@ -147,7 +150,7 @@ class OptunaAttrs:
     RETRY_OF = "fuse.retry_of"
     #: trial user attribute: ``True`` on a trial that lost the race for the budget's last slot (failed unrun)
     SURPLUS = "fuse.surplus"
-    #: trial user attribute: std over seeds (population, ddof 0) of the objective
+    #: trial user attribute: std over seeds (:func:`seed_std`, ddof 1; NaN for one seed) of the objective
     VALUE_STD = "value_std"
     #: trial user attribute: the objective on each seed, in the study's seed order
     PER_SEED = "per_seed"
@@ -280,7 +283,8 @@ def objective_key(metric: str) -> str:
 
 
 def objective_std_key(metric: str) -> str:
-    """Summary metric: the std over seeds (population, ddof 0) of the objective (``objective.test_accuracy.std``)."""
+    """Summary metric: the std over seeds (:func:`seed_std`) of the objective (``objective.test_accuracy.std``);
+    not logged where it is undefined (one seed, a diverged seed)."""
     return f"{objective_key(metric)}.std"
 
 
@@ -346,6 +350,42 @@ def decode_switch_epochs(text: str | None) -> list[int | float | None]:
         except ValueError:
             epochs.append(float(entry))
     return epochs
+
+
+# ------------------------------------------------------------------ statistics over seeds
+
+#: the ddof of every "std over seeds" fuse records or reports (:func:`seed_std`)
+SEED_STD_DDOF = 1
+
+
+def seed_std(values: Iterable[float]) -> float:
+    """The standard deviation over seeds of one quantity: the *sample* std, ``ddof = 1``,
+    ``sqrt(sum((x_i - mean)^2) / (n - 1))``, in the unit of the values.
+
+    The seeds are a sample of the seeds one could have run, and the spread is what a reader compares between
+    methods, so the unbiased variance estimate is the one used: the same number in a trial's record
+    (:func:`objective_std_key`, :attr:`OptunaAttrs.VALUE_STD`), the dashboards' tables and the comparison
+    report, and the one a paired t statistic needs. NaN where it is undefined: fewer than two values, or any
+    value not finite (a diverged seed)."""
+    samples = [float(v) for v in values]
+    if len(samples) < 2 or not all(math.isfinite(v) for v in samples):
+        return math.nan
+    mean = math.fsum(samples) / len(samples)
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in samples) / (len(samples) - SEED_STD_DDOF))
+
+
+# ------------------------------------------------------------------ showing a value
+
+def short_value(value: Any) -> str:
+    """A parameter value as the CLI, the tables and the plots show it: a float that is a whole number as an
+    integer (``256.0`` -> ``256``; a number read back from MLflow's text params is a float), another float to
+    4 significant digits (``0.00123456`` -> ``0.001235``), anything else as ``str``."""
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+        number = float(value)
+        if number.is_integer() and abs(number) < 1e15:
+            return str(int(number))
+        return f"{number:.4g}"
+    return str(value)
 
 
 # ------------------------------------------------------------------ artifacts

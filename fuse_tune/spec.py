@@ -30,8 +30,14 @@ A parameter with ``when: {other: value}`` is sampled only when ``other`` took ``
 a list of values), which is how the criterion's own switch epoch / zeta / sigma and the theta
 schedule's own parameters are conditional.
 
-Errors are :class:`SpecError`: one line naming the file and the field, the value given and what is
-accepted.
+Errors are :class:`SpecError` (a :class:`fuse_tune.errors.UserError`): one line naming the file and the
+field, the value given and what is accepted.
+
+This module parses: YAML -> StudySpec, every check that needs no torch (:func:`read_spec`,
+:func:`parse_spec`). It imports neither torch nor :mod:`fuse_tune.trial`; checking a parsed study against the
+real optimizers and workloads (the dry run) is the separate step :func:`fuse_tune.trial.check_spec`, and
+:func:`fuse_tune.trial.load_spec` does both. The field readers here (:func:`mapping`, :func:`seed_list`)
+are shared with comparison files (:mod:`fuse_tune.compare`).
 """
 
 from __future__ import annotations
@@ -39,16 +45,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fuse_tune.errors import UserError
 from fuse_tune.records import COST_METRICS, MINIMIZE, OBJECTIVE_METRICS, Metrics, direction
 
-__all__ = ["SpecError", "Param", "Objective", "StudySpec", "load_spec", "parse_spec", "nest", "OBJECTIVES"]
+__all__ = ["SpecError", "Param", "Objective", "StudySpec", "read_spec", "parse_spec", "read_yaml", "mapping",
+           "seed_list", "nest", "OBJECTIVES"]
 
 OBJECTIVES = {metric: direction(metric) for metric in OBJECTIVE_METRICS}  # objective metric -> its direction
 COSTS = COST_METRICS
@@ -58,7 +66,7 @@ TOP_LEVEL = ("name", "description", "workload", "optimizer", "epochs", "seeds", 
              "budget", "sampler", "pruner", "storage", "resources", "data_dir")
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A study file is invalid; the message is one line naming the field."""
 
 
@@ -261,15 +269,42 @@ def _parse_param(name: str, raw: Any) -> Param:
     return Param(name, kind, low=low, high=high, log=log, step=step, when=tuple(when))
 
 
-def _mapping(raw: Any, where: str, accepted: set[str]) -> dict[str, Any]:
+def mapping(raw: Any, where: str, accepted: Collection[str] | None = None, *, name_unknown: bool = False
+            ) -> dict[str, Any]:
+    """A YAML mapping field (``None`` reads as empty) whose keys are among ``accepted`` (``None``: any key).
+
+    An unknown key fails as ``<where>: unknown key(s) [...]; accepted: [sorted]`` (study files), or with
+    ``name_unknown=True`` as ``<where>.<key>: unknown field; accepted: [as given]``, naming the first unknown
+    key in the field path (comparison files and the top level of a study file, where ``where`` is ``""``)."""
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
         raise _fail(where, f"expected a mapping, got {raw!r}")
-    unknown = sorted(set(raw) - accepted)
-    if unknown:
-        raise _fail(where, f"unknown key(s) {unknown}; accepted: {sorted(accepted)}")
+    if accepted is not None:
+        unknown = sorted(set(raw) - set(accepted))
+        if unknown and name_unknown:
+            raise _fail(f"{where}.{unknown[0]}" if where else unknown[0], f"unknown field; accepted: {list(accepted)}")
+        if unknown:
+            raise _fail(where, f"unknown key(s) {unknown}; accepted: {sorted(accepted)}")
     return dict(raw)
+
+
+def seed_list(raw: Any, where: str, *, one_message: bool = False) -> tuple[int, ...]:
+    """Seeds: one integer or a non-empty list of distinct integers >= 0.
+
+    A list that is not integers fails as ``expected a non-empty list of integers >= 0``, repeated seeds as
+    ``seeds must be distinct`` (study files); ``one_message=True`` says both in one message, ``expected a
+    non-empty list of distinct integers >= 0`` (comparison files)."""
+    seeds = [raw] if _is_int(raw) else raw
+    valid = isinstance(seeds, list) and bool(seeds) and all(_is_int(s) and s >= 0 for s in seeds)
+    distinct = valid and len(set(seeds)) == len(seeds)
+    if one_message and not distinct:
+        raise _fail(where, f"expected a non-empty list of distinct integers >= 0, got {seeds!r}")
+    if not valid:
+        raise _fail(where, f"expected a non-empty list of integers >= 0, got {seeds!r}")
+    if not distinct:
+        raise _fail(where, f"seeds must be distinct, got {seeds!r}")
+    return tuple(seeds)
 
 
 def parse_spec(raw: Any, *, source: str = "", path: str | None = None, require_search: bool = True) -> StudySpec:
@@ -279,9 +314,7 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None, require_s
     reruns it); a study file always needs one."""
     if not isinstance(raw, Mapping):
         raise SpecError(f"study file must be a YAML mapping of settings, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(TOP_LEVEL))
-    if unknown:
-        raise _fail(unknown[0], f"unknown field; accepted: {sorted(TOP_LEVEL)}")
+    mapping(raw, "", sorted(TOP_LEVEL), name_unknown=True)
     for key in ("name", "workload", "optimizer"):
         if key not in raw:
             raise _fail(key, "missing (required)")
@@ -293,13 +326,7 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None, require_s
     epochs = raw.get("epochs", 10)
     if not _is_int(epochs) or epochs < 1:
         raise _fail("epochs", f"expected an integer >= 1, got {epochs!r}")
-    seeds = raw.get("seeds", [0])
-    if _is_int(seeds):
-        seeds = [seeds]
-    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) and s >= 0 for s in seeds):
-        raise _fail("seeds", f"expected a non-empty list of integers >= 0, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise _fail("seeds", f"seeds must be distinct, got {seeds!r}")
+    seeds = seed_list(raw.get("seeds", [0]), "seeds")
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, Mapping):
         raise _fail("fixed", f"expected a mapping of settings, got {fixed!r}")
@@ -335,7 +362,7 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None, require_s
     if clash:
         raise _fail(f"search.{clash[0]}", "is also in 'fixed'; give it in one place")
 
-    objective_raw = _mapping(raw.get("objective"), "objective", {"metric", "target_loss", "cost"})
+    objective_raw = mapping(raw.get("objective"), "objective", {"metric", "target_loss", "cost"})
     metric = objective_raw.get("metric", Metrics.TEST_ACCURACY)
     if metric not in OBJECTIVES:
         raise _fail("objective.metric", f"expected one of {sorted(OBJECTIVES)}, got {metric!r}")
@@ -349,7 +376,7 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None, require_s
         raise _fail("objective.cost", f"expected one of {list(COSTS)} or null, got {cost!r}")
     objective = Objective(metric, target, cost)
 
-    budget = _mapping(raw.get("budget"), "budget", {"trials", "timeout"})
+    budget = mapping(raw.get("budget"), "budget", {"trials", "timeout"})
     trials = budget.get("trials", 20)
     if not _is_int(trials) or trials < 1:
         raise _fail("budget.trials", f"expected an integer >= 1, got {trials!r}")
@@ -357,7 +384,7 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None, require_s
     if timeout is not None and (not _is_number(timeout) or timeout <= 0):
         raise _fail("budget.timeout", f"expected a number of seconds > 0 or null, got {timeout!r}")
 
-    sampler = _mapping(raw.get("sampler"), "sampler", {"name", "seed", "n_startup_trials"})
+    sampler = mapping(raw.get("sampler"), "sampler", {"name", "seed", "n_startup_trials"})
     sampler.setdefault("name", "tpe")
     if sampler["name"] not in SAMPLERS:
         raise _fail("sampler.name", f"expected one of {list(SAMPLERS)}, got {sampler['name']!r}")
@@ -369,7 +396,7 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None, require_s
                 raise _fail(f"search.{param.name}", "the grid sampler needs categorical parameters (give 'choices')")
     if sampler["name"] == "cmaes" and any(p.type == "categorical" or p.when for p in search):
         pass  # Optuna's CMA-ES falls back to random sampling for these; allowed.
-    pruner = _mapping(raw.get("pruner"), "pruner", {"name", "n_startup_trials", "n_warmup_steps", "min_resource",
+    pruner = mapping(raw.get("pruner"), "pruner", {"name", "n_startup_trials", "n_warmup_steps", "min_resource",
                                                     "reduction_factor", "percentile"})
     pruner.setdefault("name", "median")
     if pruner["name"] not in PRUNERS:
@@ -390,7 +417,7 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None, require_s
     if storage is not None and (not isinstance(storage, str) or not storage.strip()):
         raise _fail("storage", f"expected a storage URL (sqlite:///..., postgresql://..., journal:PATH) or null, "
                                f"got {storage!r}")
-    resources = _mapping(raw.get("resources"), "resources", {"cpu", "gpu"})
+    resources = mapping(raw.get("resources"), "resources", {"cpu", "gpu"})
     for key, value in resources.items():
         if not _is_number(value) or value < 0:
             raise _fail(f"resources.{key}", f"expected a number >= 0 (fractions allowed), got {value!r}")
@@ -402,7 +429,7 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None, require_s
     if data_dir is not None and not isinstance(data_dir, str):
         raise _fail("data_dir", f"expected a folder path, got {data_dir!r}")
     return StudySpec(
-        name=name, workload=raw["workload"], optimizer=raw["optimizer"], epochs=epochs, seeds=tuple(seeds),
+        name=name, workload=raw["workload"], optimizer=raw["optimizer"], epochs=epochs, seeds=seeds,
         fixed=fixed, search=search, objective=objective, trials=trials, timeout=timeout, sampler=sampler,
         pruner=pruner, storage=storage, description=description, resources=resources, data_dir=data_dir,
         source=source, path=path,
@@ -425,16 +452,12 @@ def read_yaml(path: Path, kind: str = "study") -> tuple[str, Any]:
         raise SpecError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
 
 
-def load_spec(path: str | Path, *, check: bool = True) -> StudySpec:
-    """Read, parse and (``check=True``) dry-run-validate a study file; errors are one-line SpecErrors."""
+def read_spec(path: str | Path) -> StudySpec:
+    """Read and parse a study file, without the dry run (no torch); errors are one-line SpecErrors naming the
+    file. :func:`fuse_tune.trial.load_spec` reads and checks."""
     path = Path(path)
     text, raw = read_yaml(path, "study")
     try:
-        spec = parse_spec(raw, source=text, path=str(path.resolve()))
-        if check:
-            from fuse_tune.trial import check_spec
-
-            check_spec(spec)
+        return parse_spec(raw, source=text, path=str(path.resolve()))
     except SpecError as exc:
         raise SpecError(f"{path}: {exc}") from None
-    return spec

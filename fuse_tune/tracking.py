@@ -20,11 +20,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from fuse_tune.records import ROLE_STUDY, ROLE_TRIAL, Tags, flatten_params, per_seed_key, redact, tag_equals
+from fuse_tune.errors import UserError
+from fuse_tune.records import (
+    ROLE_STUDY,
+    ROLE_TRIAL,
+    STATE_FAILED,
+    Tags,
+    flatten_params,
+    per_seed_key,
+    redact,
+    tag_equals,
+)
 
 # redact and flatten_params live in fuse_tune.records; they stay importable from here for existing callers.
 __all__ = ["Tracker", "TrialRun", "MlflowTracker", "NullTracker", "redact", "default_tracking_uri", "flatten_params",
-           "versions"]
+           "versions", "end_trial_run", "fail_trial_run"]
 
 
 def default_tracking_uri(directory: str | os.PathLike[str] | None = None) -> str:
@@ -46,9 +56,11 @@ def versions() -> dict[str, str]:
     import importlib.metadata as metadata
 
     found = {}
-    for package in ("fuse", "torch", "optuna", "mlflow", "ray"):
+    # tag name -> distribution; this project's tag keeps the name "fuse" (its distribution is fuse-optim)
+    for package, distribution in (("fuse", "fuse-optim"), ("torch", "torch"), ("optuna", "optuna"),
+                                  ("mlflow", "mlflow"), ("ray", "ray")):
         try:
-            found[f"{Tags.VERSION_PREFIX}{package}"] = metadata.version(package)
+            found[f"{Tags.VERSION_PREFIX}{package}"] = metadata.version(distribution)
         except metadata.PackageNotFoundError:
             continue
     found[Tags.GIT_COMMIT] = _git_commit()
@@ -65,6 +77,24 @@ class TrialRun(Protocol):
     def set_tags(self, tags: Mapping[str, Any]) -> None: ...
 
     def finish(self, status: str) -> None: ...
+
+
+def end_trial_run(run: TrialRun, state: str, status: str, error: str | None = None) -> None:
+    """End a trial's run that did not complete: ``Tags.STATE`` = ``state`` (``pruned``, ``failed``), the error
+    text if any, then the MLflow run status (``FINISHED``, ``FAILED``, ``KILLED``). Every backend, the
+    comparisons and the Ray driver's callback end runs through this."""
+    tags = {Tags.STATE: state}
+    if error is not None:
+        tags[Tags.ERROR] = error
+    run.set_tags(tags)
+    run.finish(status)
+
+
+def fail_trial_run(run: TrialRun, exc: BaseException) -> None:
+    """A trial that raised: ``failed`` with ``Type: message``; the run ``FAILED``, or ``KILLED`` for an interrupt
+    (``KeyboardInterrupt``, ``SystemExit``)."""
+    end_trial_run(run, STATE_FAILED, "FAILED" if isinstance(exc, Exception) else "KILLED",
+                  f"{type(exc).__name__}: {exc}")
 
 
 class Tracker(Protocol):
@@ -145,7 +175,7 @@ class MlflowTracker:
         try:
             from mlflow.tracking import MlflowClient
         except ImportError:  # pragma: no cover - depends on the install
-            raise ValueError("MLflow tracking needs the 'tuning' extra: pip install 'fuse[tuning]'") from None
+            raise UserError("MLflow tracking needs the 'tuning' extra: pip install 'fuse[tuning]'") from None
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.experiment_name = experiment

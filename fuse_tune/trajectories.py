@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fuse_optim.testing.functions import get_test_function
+from fuse_optim.test_functions import get_test_function
 from fuse_tune.optimizers import build_optimizer, optimizer_phase
 from fuse_tune.workloads.functions import FunctionModule
 

@@ -8,6 +8,7 @@
   together, so pruners compare like with like), logs to the tracker, and aggregates mean and std.
 * :func:`check_spec` dry-runs a study's settings (every range end, every choice) through the real
   optimizer and trainer validation, so a bad file fails before any trial starts, naming the field.
+  Parsing (:mod:`fuse_tune.spec`, no torch) is the step before it; :func:`load_spec` does both.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,15 +37,18 @@ from fuse_tune.records import (
     encode_switch_epochs,
     objective_key,
     objective_std_key,
+    redact,
+    seed_std,
 )
-from fuse_tune.spec import Param, SpecError, StudySpec, _flatten, nest
-from fuse_tune.tracking import versions
+from fuse_tune.spec import Param, SpecError, StudySpec, _flatten, nest, read_spec
+from fuse_tune.tracking import MlflowTracker, versions
 from fuse_tune.train import TRAINER_KEYS, EpochMetrics, TrainConfig, Trainer, TrainResult, optimizer_arguments
 from fuse_tune.workloads import CrossEntropyWithL2, DatasetNotFound, build_function, get_workload, load_dataset
 from fuse_tune.workloads.models import build_model, model_options
 
-__all__ = ["split_settings", "check_spec", "suggest", "run_trial", "SeedRuns", "TrialOutcome", "train_config",
-           "seed_config", "summarize", "study_run_info", "trial_tags", "log_outcome"]
+__all__ = ["split_settings", "check_spec", "load_spec", "suggest", "run_trial", "SeedRuns", "TrialOutcome",
+           "train_config", "seed_config", "summarize", "cost_of", "study_run_info", "start_study_run", "trial_tags",
+           "log_outcome"]
 
 
 def workload_option_names(workload_name: str) -> set[str]:
@@ -199,6 +204,17 @@ def check_spec(spec: StudySpec) -> None:
         raise deferred
 
 
+def load_spec(path: str | Path) -> StudySpec:
+    """Read and parse a study file (:func:`fuse_tune.spec.read_spec`), then dry-run it (:func:`check_spec`);
+    errors are one-line SpecErrors naming the file and the field."""
+    spec = read_spec(path)
+    try:
+        check_spec(spec)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
+    return spec
+
+
 def _valid_with_another_extreme(spec: StudySpec, fixed: Mapping[str, Any], param: Param, chosen: Mapping[str, Any],
                                  data: tuple[int, tuple[int, ...], int] | None) -> bool:
     """Whether moving one other parameter off its first extreme makes ``chosen`` a valid assignment."""
@@ -344,7 +360,9 @@ def seed_config(spec: StudySpec, settings: Mapping[str, Any], seed: int, *, thre
 
 
 def summarize(spec: StudySpec, results: Sequence[TrainResult], epochs_run: int) -> TrialOutcome:
-    """Per-seed objectives and costs -> mean and std over seeds (shared by the Optuna and Ray backends)."""
+    """Per-seed objectives and costs -> mean and std over seeds (shared by the Optuna and Ray backends).
+
+    The std is :func:`fuse_tune.records.seed_std` (sample std, ddof 1; NaN for one seed or a diverged seed)."""
     per_seed, costs, switch_epochs, reasons, histories = [], [], [], [], []
     for result in results:
         histories.append(result.history)
@@ -353,15 +371,21 @@ def summarize(spec: StudySpec, results: Sequence[TrainResult], epochs_run: int) 
             value = math.inf
         per_seed.append(value)
         final = result.final
-        costs.append(final.grad_evals if spec.objective.cost == Metrics.GRAD_EVALS else final.wall_time)
+        costs.append(cost_of(final, spec.objective.cost))
         switch_epochs.append(final.switch_epoch)
         reasons.append(final.switch_reason)
     finite = [v for v in per_seed if math.isfinite(v)]
     mean = statistics.fmean(per_seed) if len(finite) == len(per_seed) else (
         math.inf if spec.objective.direction == MINIMIZE else -math.inf)
-    std = statistics.pstdev(per_seed) if len(finite) == len(per_seed) and len(per_seed) > 1 else 0.0
+    std = seed_std(per_seed)
     return TrialOutcome(mean, std, statistics.fmean(costs) if spec.objective.cost else None, per_seed,
                         switch_epochs, reasons, epochs_run, histories)
+
+
+def cost_of(metrics: EpochMetrics, cost: str | None) -> float:
+    """The study's cost (``objective.cost``) at the end of an epoch: gradient evaluations, else training wall time
+    (seconds), both cumulative from the start of training."""
+    return float(metrics.grad_evals) if cost == Metrics.GRAD_EVALS else float(metrics.wall_time)
 
 
 # ------------------------------------------------------------------ MLflow records shared by the backends
@@ -376,6 +400,17 @@ def study_run_info(spec: StudySpec, n_trials: int, backend: str, storage: str | 
               StudyParams.OBJECTIVE: spec.objective.metric, StudyParams.SAMPLER: spec.sampler["name"],
               StudyParams.PRUNER: spec.pruner["name"], StudyParams.TRIALS: n_trials, StudyParams.FIXED: spec.fixed}
     return tags, params
+
+
+def start_study_run(spec: StudySpec, tracking_uri: str | None, n_trials: int, backend: str, storage: str,
+                    extra_tags: Mapping[str, Any] | None = None) -> str | None:
+    """The study's MLflow parent run, found again on resume (:meth:`MlflowTracker.start_study`); ``None`` without
+    tracking. ``storage`` is redacted here; ``extra_tags`` are a backend's own."""
+    if not tracking_uri:
+        return None
+    tags, params = study_run_info(spec, n_trials, backend, redact(storage))
+    return MlflowTracker(tracking_uri, experiment=spec.name).start_study(
+        spec.name, tags={**tags, **(extra_tags or {})}, params=params, artifact=spec.path)
 
 
 def trial_tags(spec: StudySpec, settings: Mapping[str, Any], number: int, backend: str) -> dict[str, Any]:

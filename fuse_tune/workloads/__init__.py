@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuse_optim.testing.functions import TEST_FUNCTIONS, get_test_function
+from fuse_optim.test_functions import TEST_FUNCTIONS, get_test_function
 from fuse_tune.workloads.datasets import DATASETS, DataBundle, DatasetNotFound, load_dataset
 from fuse_tune.workloads.functions import FunctionModule, add_gradient_noise
 from fuse_tune.workloads.models import MODELS, build_model, model_options

@@ -3,8 +3,10 @@
 Every loader returns a ``DataBundle``: inputs ``(N, C, H, W)`` float32 scaled to ``[0, 1]`` (pixel
 value / 255, or / 16 for scikit-learn's digits), **not** standardised, and int64 class labels in
 ``[0, num_classes)``. ``[0, 1]`` is what torchvision's ``ToTensor`` gives, what the paper's setting
-implies, and what the project's reference numbers use (digits inputs / 16, FINDINGS.md); per-channel
-standardisation would change those references and is left to a model if it wants it.
+implies, and what the project's reference numbers use: f* = 0.261865 for logistic regression with
+L2 (1e-3) on all 1,797 digits scaled by 1/16 (scipy L-BFGS-B, BENCHMARKS.md, "Minibatch second
+phase"); per-channel standardisation would change those references and is left to a model if it
+wants it.
 
 Data sets and where their files go (``data_dir`` is always a parameter, never a fixed path):
 
@@ -50,6 +52,8 @@ import numpy as np
 import torch
 import torchvision
 
+from fuse_tune.errors import UserError
+
 __all__ = [
     "DATASETS",
     "DataBundle",
@@ -62,8 +66,10 @@ MNIST_TEST_SPLIT_TEST_SIZE = 2_000
 SPLIT_SEED = 0
 
 
-class DatasetNotFound(FileNotFoundError):
-    """A data set's files are missing (or fail their checksum) and were not, or could not be, downloaded."""
+class DatasetNotFound(FileNotFoundError, UserError):
+    """A data set's files are missing (or fail their checksum) and were not, or could not be, downloaded.
+
+    A :class:`fuse_tune.errors.UserError` too: the data folder is the user's input (one line, exit 2)."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -67,7 +67,7 @@ def clean_env() -> dict[str, str]:
 @pytest.fixture(scope="session")
 def small_study(tmp_path_factory) -> SmallStudy:
     from fuse_tune.optuna_backend import run_study
-    from fuse_tune.spec import load_spec
+    from fuse_tune.trial import load_spec
 
     directory = tmp_path_factory.mktemp("dash_study")
     spec_path = directory / f"{STUDY_NAME}.yaml"

@@ -144,7 +144,7 @@ def test_report_artifacts_served_by_a_real_mlflow_server(mlflow_server, small_st
     from mlflow.tracking import MlflowClient
 
     from fuse_tune.optuna_backend import run_study
-    from fuse_tune.spec import load_spec
+    from fuse_tune.trial import load_spec
 
     text = small_study.spec_path.read_text().replace("name: dash_small", "name: dash_served")
     text = text.replace("seeds: [0, 1]", "seeds: [0]").replace("trials: 4", "trials: 2")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from fuse_optim.testing import TEST_FUNCTIONS, get_test_function, himmelblau, rosenbrock
+from fuse_optim.test_functions import TEST_FUNCTIONS, get_test_function, himmelblau, rosenbrock
 
 CASES = [
     (name, dim)

@@ -11,7 +11,7 @@ from threadpoolctl import threadpool_limits
 
 from fuse_optim import Fuse, FusePV, LBFGSMemory
 from fuse_optim.line_search import Armijo, StrongWolfe
-from fuse_optim.testing import TEST_FUNCTIONS
+from fuse_optim.test_functions import TEST_FUNCTIONS
 
 from .problems import spd_matrix, step_iterates
 

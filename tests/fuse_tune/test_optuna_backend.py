@@ -17,9 +17,8 @@ import pytest
 from fuse_tune import optuna_backend
 from fuse_tune.cli import main
 from fuse_tune.optuna_backend import StudyMismatch, prepare_study, resolve_storage_url, run_study
-from fuse_tune.spec import load_spec
 from fuse_tune.tracking import redact
-from fuse_tune.trial import suggest
+from fuse_tune.trial import load_spec, suggest
 
 STUDY = """\
 name: {name}

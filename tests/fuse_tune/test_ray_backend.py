@@ -32,7 +32,7 @@ from fuse_tune.ray_backend import (  # noqa: E402
     check_resources,
     load_checkpoint,
 )
-from fuse_tune.spec import load_spec  # noqa: E402
+from fuse_tune.trial import load_spec  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -365,6 +365,24 @@ def _wait_for_port(port: int, timeout: float) -> None:
     pytest.fail(f"the Ray head did not open port {port} in {timeout} s")
 
 
+def _wait_for_alive_nodes(address: str, count: int, env: dict[str, str], logs: Path, timeout: float) -> None:
+    """Until the cluster at ``address`` has ``count`` alive nodes as a driver's ``ray.nodes()`` sees them (what
+    fuse-tune sees): a worker node's `ray start` is under way, not done, when the head's port is open."""
+    probe = ("import sys, time, ray\n"
+             "ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False)\n"
+             "alive = lambda: sum(1 for node in ray.nodes() if node['Alive'])\n"
+             "deadline = time.monotonic() + float(sys.argv[3])\n"
+             "while alive() < int(sys.argv[2]) and time.monotonic() < deadline:\n"
+             "    time.sleep(0.5)\n"
+             "print(alive())\n")
+    done = subprocess.run([sys.executable, "-c", probe, address, str(count), str(timeout)], env=env,
+                          capture_output=True, text=True, timeout=timeout + 120)
+    alive = (done.stdout.split() or ["?"])[-1]
+    assert done.returncode == 0 and alive == str(count), (
+        f"{alive} alive node(s) of {count} after {timeout:.0f} s:\n{done.stderr[-2000:]}"
+        + "".join(p.read_text()[-2000:] for p in logs.iterdir()))
+
+
 def test_study_runs_on_both_nodes_of_a_two_node_cluster(tmp_path):
     """`ray start --head` and `ray start --address` as separate processes; the study joins with --address.
 
@@ -390,6 +408,9 @@ def test_study_runs_on_both_nodes_of_a_two_node_cluster(tmp_path):
               f"--dashboard-agent-listen-port={_free_port()}")
         _wait_for_port(port, 120)
         start("worker", f"--address=127.0.0.1:{port}", f"--dashboard-agent-listen-port={_free_port()}")
+        # Both nodes in the cluster before the study starts: a worker node joining late would leave every trial to
+        # the head (one node in the summary, one node id on the runs).
+        _wait_for_alive_nodes(f"127.0.0.1:{port}", 2, env, logs, 180)
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         study = write_study(tmp_path, "two_nodes", pruner="{name: none}", seeds="[0]")
         done = cli("run", str(study), "--backend", "ray", "--address", f"127.0.0.1:{port}", "--n-jobs", "2",

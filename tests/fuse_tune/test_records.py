@@ -186,3 +186,41 @@ def test_the_literal_checks_catch_a_reintroduced_literal():
     assert len([n for n in _code_strings(ast.parse(code)) if re.search(r"\bfuse\.[A-Za-z_]", n.value)]) == 2
     pattern = _quoted_tag_name()
     assert all(pattern.search(line) for line in code.splitlines())
+
+
+# ------------------------------------------------------------------ std over seeds, shown values
+
+
+def test_seed_std_is_the_sample_std_with_ddof_1():
+    np = pytest.importorskip("numpy")
+    values = [0.91, 0.87, 0.95, 0.9]
+    assert records.SEED_STD_DDOF == 1
+    assert records.seed_std(values) == pytest.approx(float(np.std(values, ddof=1)), rel=1e-12)
+    assert records.seed_std([2.0, 2.0, 2.0]) == 0.0
+
+
+@pytest.mark.parametrize("values", [[], [0.9], [0.9, math.inf], [0.9, math.nan], [-math.inf, 1.0, 2.0]])
+def test_seed_std_is_nan_where_undefined(values):
+    assert math.isnan(records.seed_std(values))
+
+
+def test_trials_tables_and_comparisons_share_the_seed_std():
+    """The trial's recorded std, the comparison table's and the paired differences' are one definition."""
+    import pandas as pd
+
+    from dashboards import tables
+
+    assert tables.seed_std is records.seed_std
+    rows = [{"study": "c", "workload": "w", "optimizer": method, "trial": 0, "run_id": method, "variant": method,
+             "criterion": "", "state": "complete", "seed": seed, "switch_epoch": math.nan, "metric": "test_accuracy",
+             "epoch": 0, "value": value, "objective": "test_accuracy"}
+            for method, values in (("fuse_pv", [0.9, 0.8, 0.95]), ("adam", [0.85, 0.8, 0.9]))
+            for seed, value in enumerate(values)]
+    table = tables.comparison_table(pd.DataFrame(rows)).set_index("method")
+    assert table.loc["fuse_pv", "test_accuracy.std"] == records.seed_std([0.9, 0.8, 0.95])
+
+
+@pytest.mark.parametrize(("value", "shown"), [(256.0, "256"), (0.00123456, "0.001235"), (3, "3"), ("tpe", "tpe"),
+                                              (True, "True"), (12345.0, "12345"), (1e20, "1e+20")])
+def test_short_value(value, shown):
+    assert records.short_value(value) == shown

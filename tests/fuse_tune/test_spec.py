@@ -6,14 +6,15 @@ import copy
 import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 
-from fuse_tune.spec import Param, SpecError, load_spec, nest, parse_spec
-from fuse_tune.trial import check_spec, split_settings, suggest
+from fuse_tune.spec import Param, SpecError, mapping, nest, parse_spec, read_spec, seed_list
+from fuse_tune.trial import check_spec, load_spec, split_settings, suggest
 
 STUDIES = Path(__file__).resolve().parents[2] / "studies"
 SHIPPED = sorted(STUDIES.glob("*.yaml"))
@@ -271,3 +272,37 @@ def test_suggest_honours_log_and_step():
     trial = study.ask()
     values = suggest(trial, params)
     assert trial.distributions["lr"].log and values["m"] in (2, 6, 10) and values["f"] in (0, 0.25, 0.5, 0.75, 1)
+
+
+# ------------------------------------------------------------------ parsing apart from checking
+
+
+def test_reading_parses_without_the_dry_run_and_loading_checks_too(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw(fixed={"batch_size": 64, "lr": 0.01, "not_a_setting": 1})))
+    assert read_spec(path).fixed["not_a_setting"] == 1  # parsing knows no optimizer: it takes the name
+    with pytest.raises(SpecError, match=rf"^{re.escape(str(path))}: fixed\.not_a_setting: not a setting"):
+        load_spec(path)  # the dry run through the real constructors refuses it, naming the file and field
+    path.write_text(yaml.safe_dump(raw(epochs=0)))
+    with pytest.raises(SpecError, match=rf"^{re.escape(str(path))}: epochs: expected an integer"):
+        read_spec(path)
+
+
+def test_one_field_reader_for_study_and_comparison_files():
+    assert mapping(None, "budget", {"trials"}) == {} and mapping({"a": 1}, "fixed") == {"a": 1}
+    with pytest.raises(SpecError, match=r"^budget: unknown key\(s\) \['x'\]; accepted: \['timeout', 'trials'\]$"):
+        mapping({"x": 1}, "budget", ("trials", "timeout"))
+    with pytest.raises(SpecError, match=r"^tuning\.x: unknown field; accepted: \['trials', 'seeds'\]$"):
+        mapping({"x": 1}, "tuning", ("trials", "seeds"), name_unknown=True)
+    with pytest.raises(SpecError, match=r"^x: unknown field"):
+        mapping({"x": 1}, "", ("name",), name_unknown=True)
+    with pytest.raises(SpecError, match=r"^fixed: expected a mapping, got 3$"):
+        mapping(3, "fixed")
+    assert seed_list(3, "seeds") == (3,) and seed_list([0, 2], "seeds", one_message=True) == (0, 2)
+    with pytest.raises(SpecError, match=r"^seeds: seeds must be distinct, got \[1, 1\]$"):
+        seed_list([1, 1], "seeds")
+    with pytest.raises(SpecError, match=r"^seeds: expected a non-empty list of integers >= 0, got \[-1\]$"):
+        seed_list([-1], "seeds")
+    for bad in ([1, 1], [-1], [], "a"):
+        with pytest.raises(SpecError, match=r"^rerun\.seeds: expected a non-empty list of distinct integers >= 0"):
+            seed_list(bad, "rerun.seeds", one_message=True)

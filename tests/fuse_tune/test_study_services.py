@@ -52,9 +52,16 @@ def write_study(directory: Path, name: str, epochs: int = 2) -> Path:
     return path
 
 
-def cli(*args: str) -> list[str]:
+PARKING_CLI = Path(__file__).with_name("parking_cli.py")  # fuse-tune whose trials stop after their first epoch
+HOLD_TIMEOUT = 600.0  # seconds for processes to reach the point a test waits for on a loaded 2-core machine
+
+
+def cli(*args: str, held: bool = False) -> list[str]:
     script = Path(sys.executable).with_name("fuse-tune")
-    base = [str(script)] if os.access(script, os.X_OK) else [sys.executable, "-m", "fuse_tune.cli"]
+    if held:
+        base = [sys.executable, str(PARKING_CLI)]
+    else:
+        base = [str(script)] if os.access(script, os.X_OK) else [sys.executable, "-m", "fuse_tune.cli"]
     return [*base, "run", *args, "--quiet", "--threads", "1"]
 
 
@@ -64,9 +71,29 @@ def env() -> dict[str, str]:
     return values
 
 
-def start(cwd: Path, *args: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen(cli(*args), cwd=cwd, env=env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **popen)
+def start(cwd: Path, *args: str, hold: dict[str, str] | None = None, **popen) -> subprocess.Popen:
+    """``fuse-tune run *args``; with ``hold`` (FUSE_TEST_* variables) through parking_cli.py, whose trials stop
+    after their first epoch as those variables say."""
+    return subprocess.Popen(cli(*args, held=hold is not None), cwd=cwd, env={**env(), **(hold or {})},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def wait_for(what: str, ready, processes: list[subprocess.Popen], describe=lambda: ""):
+    """Poll ``ready()`` until it returns something true, and return that; fail if one of ``processes`` exits first
+    or after ``HOLD_TIMEOUT`` seconds (``describe()`` says what was seen)."""
+    deadline = time.monotonic() + HOLD_TIMEOUT
+    while True:
+        for process in processes:
+            if process.poll() is not None:
+                pytest.fail(f"fuse-tune exited ({process.returncode}) before {what}:\n"
+                            f"{process.stdout.read()}\n{process.stderr.read()}")
+        result = ready()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"not {what} within {HOLD_TIMEOUT:.0f} s {describe()}")
+        time.sleep(0.1)  # poll interval; what is waited for stays true until the test acts on it
 
 
 def run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -97,14 +124,27 @@ def param_key(trial) -> tuple:
 
 def test_concurrent_cli_workers_share_a_postgres_study(postgres_server, tmp_path):
     """Three `fuse-tune run` processes on one PostgreSQL study: exactly N finished trials between them, distinct
-    configurations (the seeded sampler must not replay one stream per process), no password in any output."""
+    configurations (the seeded sampler must not replay one stream per process), no password in any output.
+
+    Each process's first trial waits after its first epoch until all three have one (parking_cli.py's gate), so the
+    processes share the work however unevenly they start on a loaded machine."""
     n_trials, name = 9, "pg-shared"
     url = postgres_server.new_database()
     study_file = write_study(tmp_path, name)
-    processes = [start(tmp_path, str(study_file), "--storage", url, "--n-trials", str(n_trials), "--no-mlflow")
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    processes = [start(tmp_path, str(study_file), "--storage", url, "--n-trials", str(n_trials), "--no-mlflow",
+                       hold={"FUSE_TEST_GATE": str(gate)})
                  for _ in range(3)]
     outputs = []
+
+    def waiting() -> list[str]:  # the processes whose first trial waits at the gate (waiting-<pid>-<trial>)
+        return sorted({path.name.split("-")[1] for path in gate.glob("waiting-*")})
+
     try:
+        wait_for("each of the three processes had a trial running", lambda: len(waiting()) == 3, processes,
+                 lambda: f"(processes with a trial at the gate: {waiting()})")
+        (gate / "open").touch()
         for process in processes:
             stdout, stderr = process.communicate(timeout=EXIT_TIMEOUT)
             outputs.append((process.returncode, stdout, stderr))
@@ -130,17 +170,17 @@ def test_concurrent_cli_workers_share_a_postgres_study(postgres_server, tmp_path
     # Three processes with the same seeded sampler must not replay the same stream of configurations.
     keys = [param_key(t) for t in done]
     assert len(set(keys)) == len(keys), sorted(keys)
-    assert len({t.system_attrs["fuse.pid"] for t in done}) >= 2  # the processes really shared the work
+    assert len({t.system_attrs["fuse.pid"] for t in done}) == 3  # the processes really shared the work
 
 
 def test_workers_starting_together_on_an_empty_postgres_database(postgres_server, tmp_path):
     """Workers that open a fresh database at the same moment race to create Optuna's tables and the study, and
     to tag it with its fingerprint: every one of them must get the study (threads here, so the race is tight)."""
     from fuse_tune.optuna_backend import prepare_study
-    from fuse_tune.spec import load_spec
+    from fuse_tune.spec import read_spec
 
     url = postgres_server.new_database()
-    spec = load_spec(write_study(tmp_path, "pg-together"), check=False)
+    spec = read_spec(write_study(tmp_path, "pg-together"))
     barrier = threading.Barrier(4)
     outcomes: list[str] = []
 
@@ -218,36 +258,42 @@ def test_mlflow_server_gets_a_parent_run_and_one_child_per_trial(mlflow_server, 
 # ------------------------------------------------------------------ SIGKILL and resume
 
 
-def kill_mid_trial(cwd: Path, args: tuple[str, ...], log: Path, name: str, epochs: int, after: int = -1,
-                   timeout: float = 240.0) -> tuple[list, int]:
-    """Start ``fuse-tune run *args`` in its own session; once the study has a COMPLETE trial and a RUNNING trial
-    numbered above ``after`` that has reported an epoch and has two to go, SIGKILL the whole process group (the
-    CLI and any worker processes). Returns the study's trials as the kill left them, and the CLI's process id."""
-    process = start(cwd, *args, start_new_session=True)
+def kill_parked(cwd: Path, args: tuple[str, ...], log: Path, name: str, workers: int, after: int) -> tuple[list, int]:
+    """Start ``fuse-tune run *args`` in its own session with every trial numbered above ``after`` parking after its
+    first epoch (parking_cli.py). Once the study has a COMPLETE trial and ``workers`` RUNNING trials, each numbered
+    above ``after`` and parked (one epoch reported, worker pid recorded), nothing in the study can move any more:
+    SIGKILL the whole process group (the CLI and any worker processes). Returns the study's trials as the kill left
+    them (checked to be exactly what the test last saw), and the CLI's process id.
+
+    Waiting for the parked state, rather than for a trial that has "two epochs to go", is what makes the kill land
+    mid-trial however slowly the test itself gets to run: a trial that is still training keeps moving between the
+    test's last look at the journal and its kill."""
+    process = start(cwd, *args, hold={"FUSE_TEST_PARK_ABOVE": str(after)}, start_new_session=True)
+    seen: list = []
+
+    def parked() -> list:
+        nonlocal seen
+        try:
+            seen = load(name, journal(log)).get_trials(deepcopy=False)
+        except KeyError:  # the study is not created yet
+            seen = []
+        running = [t for t in seen if t.state == TrialState.RUNNING]
+        return running if (any(t.state == TrialState.COMPLETE for t in seen) and len(running) == workers and all(
+            t.number > after and len(t.intermediate_values) == 1 and "fuse.pid" in t.system_attrs
+            for t in running)) else []
+
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"fuse-tune exited ({process.returncode}) before it could be killed:\n"
-                            f"{process.stdout.read()}\n{process.stderr.read()}")
-            if time.monotonic() > deadline:
-                pytest.fail("the study never had a COMPLETE trial and a RUNNING one mid-way at once")
-            try:
-                trials = load(name, journal(log)).get_trials(deepcopy=False)
-            except KeyError:  # the study is not created yet
-                trials = []
-            running = [t for t in trials if t.state == TrialState.RUNNING]
-            if (any(t.state == TrialState.COMPLETE for t in trials)
-                    and any(t.number > after and 1 <= len(t.intermediate_values) <= epochs - 2 for t in running)
-                    and all("fuse.pid" in t.system_attrs for t in running)):  # none is still starting up
-                break
-            time.sleep(0.05)
+        wait_for(f"the study had a COMPLETE trial and {workers} parked RUNNING trial(s) above #{after}", parked,
+                 [process], lambda: f"(trial, state, epochs reported): "
+                                    f"{[(t.number, t.state.name, len(t.intermediate_values)) for t in seen]}")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL
-    return load(name, journal(log)).get_trials(), process.pid
+    trials = load(name, journal(log)).get_trials()
+    assert trials == seen  # nothing was written between the test's last look and the kill
+    return trials, process.pid
 
 
 def test_sigkill_mid_trial_then_rerun_finishes_exactly_n(tmp_path):
@@ -259,16 +305,21 @@ def test_sigkill_mid_trial_then_rerun_finishes_exactly_n(tmp_path):
     log = tmp_path / "fuse-studies.log"  # the default journal storage, in the working directory
     args = (str(study_file), "--n-trials", str(n_trials), "--no-mlflow")
 
-    first, cli_pid = kill_mid_trial(tmp_path, (*args, "--n-jobs", "2"), log, name, epochs)
+    # Trial 0 completes; the two workers' next trials are killed after one of their four epochs.
+    first, cli_pid = kill_parked(tmp_path, (*args, "--n-jobs", "2"), log, name, workers=2, after=0)
     killed_first = [t for t in first if t.state == TrialState.RUNNING]
-    assert 1 <= len(killed_first) <= 2
+    assert len(killed_first) == 2
+    assert all(1 <= len(t.intermediate_values) < epochs for t in killed_first)  # killed mid-trial
     # Those trials ran in spawned worker processes, which the process-group kill took down with the CLI.
     assert cli_pid not in {t.system_attrs.get("fuse.pid") for t in first}
 
-    second, _ = kill_mid_trial(tmp_path, args, log, name, epochs, after=max(t.number for t in first))
+    # The resume fails the dead workers' trials and enqueues their parameters again (numbered above all of the
+    # first run's trials); it is killed after one epoch of the first retry it runs.
+    second, _ = kill_parked(tmp_path, args, log, name, workers=1, after=max(t.number for t in first))
     killed = {t.number for t in killed_first}
     killed_second = [t for t in second if t.state == TrialState.RUNNING]
     assert len(killed_second) == 1
+    assert 1 <= len(killed_second[0].intermediate_values) < epochs  # killed mid-trial
     # The resume first failed the dead workers' trials and queued their parameters again: it was killed in a retry.
     assert killed_second[0].user_attrs.get("fuse.retry_of") in killed
     assert {t.number: t.state for t in second if t.number in killed} == dict.fromkeys(killed, TrialState.FAIL)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fuse_optim.testing import get_test_function
+from fuse_optim.test_functions import get_test_function
 from fuse_tune.workloads import (
     WORKLOADS,
     CrossEntropyWithL2,

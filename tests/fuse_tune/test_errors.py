@@ -1,0 +1,95 @@
+"""User errors against bugs: bad input is one line and exit 2 (``--debug``: with its traceback); any other
+exception is a bug and shows its traceback, whatever its type (a plain ``ValueError`` included)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fuse_tune import optimizers
+from fuse_tune.cli import CLIError, main
+from fuse_tune.errors import UserError
+from fuse_tune.spec import SpecError
+
+STUDY = {
+    "name": "errors", "workload": "digits-logreg", "optimizer": "adam", "epochs": 1, "seeds": [0],
+    "search": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}, "budget": {"trials": 1},
+}
+
+
+def bad_study(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**STUDY, "epoch": 3}))  # unknown top-level field
+    return path
+
+
+def run_args(path: Path, tmp_path: Path) -> list[str]:
+    return ["run", str(path), "--no-mlflow", "--storage", f"journal:{tmp_path / 'j.log'}", "--quiet"]
+
+
+def test_user_errors_are_value_errors_of_their_own_type():
+    from dashboards.data import NoRuns
+    from fuse_tune.ray_backend import ResourceError
+    from fuse_tune.workloads import DatasetNotFound
+
+    for kind in (SpecError, CLIError, ResourceError, NoRuns, DatasetNotFound):
+        assert issubclass(kind, UserError) and issubclass(kind, ValueError), kind
+    assert issubclass(DatasetNotFound, FileNotFoundError)  # still caught as a missing file
+
+
+def test_a_bad_study_file_is_one_line_and_exit_2(tmp_path, capsys):
+    path = bad_study(tmp_path)
+    code = main(run_args(path, tmp_path))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"fuse-tune: error: {path}: epoch: unknown field; accepted: ['budget', 'data_dir'")
+
+
+def test_debug_shows_the_traceback_of_a_user_error_and_still_exits_2(tmp_path, capsys):
+    path = bad_study(tmp_path)
+    code = main(["--debug", *run_args(path, tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback (most recent call last)" in err and "SpecError" in err
+    assert err.splitlines()[-1].startswith(f"fuse-tune: error: {path}: epoch: unknown field")
+
+
+def test_a_bug_is_not_reported_as_bad_input(monkeypatch, capsys):
+    def broken(name):
+        raise ValueError("a bug, not the user's input")
+
+    monkeypatch.setattr(optimizers, "accepted_arguments", broken)  # what `fuse-tune list` calls
+    with pytest.raises(ValueError, match="a bug"):
+        main(["list"])  # not turned into exit 2: it propagates, and Python prints its traceback (exit 1)
+    assert "fuse-tune: error:" not in capsys.readouterr().err
+
+
+def test_a_bug_shows_its_traceback_and_exits_1_in_the_real_command():
+    script = ("import sys\n"
+              "from fuse_tune import optimizers\n"
+              "def broken(name):\n"
+              "    raise RuntimeError('a bug')\n"
+              "optimizers.accepted_arguments = broken\n"
+              "from fuse_tune.cli import main\n"
+              "sys.exit(main(['list']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 1, done.stderr
+    assert "Traceback (most recent call last)" in done.stderr and "RuntimeError: a bug" in done.stderr
+    assert "fuse-tune: error:" not in done.stderr
+
+
+def test_a_refused_training_setting_is_a_user_error_with_its_cause_under_debug(capsys):
+    args = ["train", "--workload", "digits-logreg", "--optimizer", "adam", "--set", "lr=-1", "--epochs", "1",
+            "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "learning rate" in err
+    assert main(["--debug", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "UserError" in err and "learning rate" in err.splitlines()[-1]
