@@ -12,14 +12,13 @@ shows its traceback (exit 1). ``fuse-tune --debug ...`` shows the traceback of b
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from fuse_tune.errors import UserError
 from fuse_tune.records import REPORT_ARTIFACT_DIR, Metrics, redact
@@ -37,6 +36,8 @@ def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
     Values are read as YAML scalars/flow collections (``1e-3`` -> float, ``[64, 64]`` -> list,
     ``true`` -> bool, ``null`` -> None); dotted keys build nested dicts.
     """
+    import yaml
+
     from fuse_tune.spec import SpecError, nest
 
     flat: dict[str, Any] = {}
@@ -61,6 +62,8 @@ def parse_assignments(assignments: Sequence[str]) -> dict[str, Any]:
 
 def _read_value(raw: str) -> Any:
     """A YAML value, with YAML 1.1's blind spot fixed: ``1e-3`` is a float, not text."""
+    import yaml
+
     if not raw.strip():
         return None
     value = yaml.safe_load(raw)
@@ -326,12 +329,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: what ``fuse-tune`` needs beyond the optimizer's torch-only base install (the ``tuning`` extra)
+TUNING_EXTRA_MODULES = ("yaml", "numpy", "sklearn", "torchvision")
+
+
+def _require_tuning_extra() -> None:
+    """One line instead of an import traceback when ``fuse-tune`` runs in a base install."""
+    missing = [name for name in TUNING_EXTRA_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"fuse-tune needs the 'tuning' extra (missing: {', '.join(missing)}): "
+                        "pip install 'fuse-optim[tuning]'")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Bad input (:class:`UserError`) is one line and exit 2 (with ``--debug``, its traceback
     first); any other exception propagates with its traceback (a bug, exit 1)."""
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse's own errors: usage and one line, exit 2
     try:
+        _require_tuning_extra()
         return args.handler(args)
     except UserError as exc:
         if args.debug:

@@ -93,3 +93,15 @@ def test_a_refused_training_setting_is_a_user_error_with_its_cause_under_debug(c
     assert main(["--debug", *args]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "UserError" in err and "learning rate" in err.splitlines()[-1]
+
+
+def test_a_base_install_without_the_tuning_extra_gets_one_line(monkeypatch, capsys):
+    """``pip install fuse-optim`` brings torch alone; ``fuse-tune`` then says which extra it needs."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "yaml" else find_spec(name, *a))
+    assert main(["list"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("fuse-tune: error: fuse-tune needs the 'tuning' extra (missing: yaml): "
+                   "pip install 'fuse-optim[tuning]'")
