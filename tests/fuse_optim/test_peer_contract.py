@@ -114,7 +114,27 @@ all_configs = pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CO
 
 
 # ---------------------------------------------------------------------------------------------- problems and helpers
-class LinearProblem:
+class Problem:
+    """A deterministic loss of some parameters: its value, and the closure an optimizer steps with."""
+
+    def loss(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def value(self) -> float:
+        with torch.no_grad():
+            return float(self.loss())
+
+    def closure(self, opt: Optimizer) -> Closure:
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = self.loss()
+            loss.backward()
+            return loss
+
+        return closure
+
+
+class LinearProblem(Problem):
     """torch's test problem: ``loss = ||weight @ input + bias||^2``, weight 10x5, bias 10, input 5."""
 
     def __init__(self, dtype: torch.dtype = torch.float32, seed: int = 0, contiguous: bool = True) -> None:
@@ -141,19 +161,6 @@ class LinearProblem:
 
     def loss(self) -> torch.Tensor:
         return (self.weight.mv(self.input) + self.bias).pow(2).sum()
-
-    def value(self) -> float:
-        with torch.no_grad():
-            return float(self.loss())
-
-    def closure(self, opt: Optimizer) -> Closure:
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = self.loss()
-            loss.backward()
-            return loss
-
-        return closure
 
 
 def sigmoid_net(dtype: torch.dtype = torch.float32, seed: int = 1) -> tuple[nn.Sequential, torch.Tensor]:
@@ -954,7 +961,7 @@ def test_low_precision_adam_phase(dtype: torch.dtype, flags: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- L-BFGS semantics
-class CoupledQuadratic:
+class CoupledQuadratic(Problem):
     """``loss = ||A [x1; x2] - c||^2``: two parameters whose gradients depend on each other."""
 
     def __init__(self, seed: int, dtype: torch.dtype = torch.float64) -> None:
@@ -966,19 +973,6 @@ class CoupledQuadratic:
 
     def loss(self) -> torch.Tensor:
         return (self.a @ torch.cat([self.x1, self.x2]) - self.c).pow(2).sum()
-
-    def value(self) -> float:
-        with torch.no_grad():
-            return float(self.loss())
-
-    def closure(self, opt: Optimizer) -> Closure:
-        def closure() -> torch.Tensor:
-            opt.zero_grad()
-            loss = self.loss()
-            loss.backward()
-            return loss
-
-        return closure
 
 
 @all_configs
