@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	# the distribution was called "fuse" before it became fuse-optim: drop a stale editable install of it
 	$(PY) -m pip uninstall -q -y fuse 2>/dev/null || true
 	# the optimizer alone needs torch only; the tuning layer, the backends, dashboards and tests are extras
-	$(PY) -m pip install -q -e ".[tuning,ray,dashboards,test]"
+	$(PY) -m pip install -q -e ".[tuning,ray,dashboards,lightning,test]"
 	touch $(STAMP)
 
 install: $(STAMP)

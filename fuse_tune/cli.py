@@ -158,14 +158,24 @@ def _command_train(args: argparse.Namespace) -> int:
 
 def _command_run(args: argparse.Namespace, *, must_exist: bool = False) -> int:
     """``run``/``resume`` with either backend: the study, then :func:`fuse_tune.summary.summary_lines`."""
-    from fuse_tune.summary import summary_lines
-    from fuse_tune.tracking import default_tracking_uri
-    from fuse_tune.trial import load_spec
+    import os
 
-    spec = load_spec(args.study)  # parse (fuse_tune.spec), then the dry run through the real constructors
+    from fuse_tune.servers import check_cluster_address, check_tracking_server
+    from fuse_tune.tracking import default_tracking_uri
+
     if args.backend != "ray" and args.address:
         raise CLIError("--address joins a Ray cluster: use it with --backend ray")
     tracking = None if args.no_mlflow else (args.mlflow_uri or default_tracking_uri())
+    # Servers first, in seconds: MLflow's client retries a dead tracking server for minutes, Ray a missing cluster
+    # for 90 s and more, and the study's dry run below imports torch.
+    check_tracking_server(tracking)
+    if args.backend == "ray" and (args.address or os.environ.get("RAY_ADDRESS")):
+        check_cluster_address(args.address or os.environ["RAY_ADDRESS"],
+                              "--address" if args.address else "RAY_ADDRESS")
+    from fuse_tune.summary import summary_lines
+    from fuse_tune.trial import load_spec
+
+    spec = load_spec(args.study)  # parse (fuse_tune.spec), then the dry run through the real constructors
     options = dict(n_trials=args.n_trials, storage=args.storage, tracking_uri=tracking, must_exist=must_exist,
                    threads=args.threads, device=args.device, progress=not args.quiet)
     if args.backend == "ray":  # see fuse_tune/ray_backend/
@@ -183,6 +193,7 @@ def _command_run(args: argparse.Namespace, *, must_exist: bool = False) -> int:
 def _command_report(args: argparse.Namespace) -> int:
     """Plots (PNG + SVG) and one HTML page from a study's MLflow runs, logged on its parent run."""
     from dashboards.report import build_report
+    from fuse_tune.servers import check_tracking_server
     from fuse_tune.tracking import default_tracking_uri
 
     def landscapes(workloads: Sequence[str]) -> list[dict[str, Any]]:  # torch is imported here, not in dashboards
@@ -191,6 +202,7 @@ def _command_report(args: argparse.Namespace) -> int:
         return [landscape_with_paths(w) for w in workloads if w in TWO_D_FUNCTIONS]
 
     uri = args.mlflow_uri or default_tracking_uri()
+    check_tracking_server(uri)
     out = args.out or f"report-{args.experiment[0]}"
     report = build_report(args.experiment, tracking_uri=uri, out_dir=out, storage=args.storage, landscapes=landscapes)
     for name, reason in report.skipped.items():
@@ -213,9 +225,11 @@ def _command_compare(args: argparse.Namespace) -> int:
     from dashboards.data import read_experiment, tidy
     from dashboards.tables import comparison_markdown, comparison_table, paired_differences, paired_markdown
     from fuse_tune.compare import run_comparison
+    from fuse_tune.servers import check_tracking_server
     from fuse_tune.tracking import default_tracking_uri
 
     uri = args.mlflow_uri or default_tracking_uri()
+    check_tracking_server(uri)
     out = Path(args.out or Path("results") / Path(args.comparison).stem)
     comparison, plans, _ = run_comparison(args.comparison, out_dir=out, n_jobs=args.n_jobs, storage=args.storage,
                                           tracking_uri=uri, threads=args.threads, device=args.device,

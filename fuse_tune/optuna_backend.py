@@ -39,7 +39,7 @@ from fuse_tune.optuna_adapter import (
     set_trial_system_attr,
     trial_seeded,
 )
-from fuse_tune.records import STATE_PRUNED, OptunaAttrs, redact
+from fuse_tune.records import STATE_FAILED, STATE_PRUNED, OptunaAttrs, redact
 from fuse_tune.spec import SpecError, StudySpec, read_spec
 from fuse_tune.storage import DEFAULT_JOURNAL, open_storage, resolve_storage_url
 from fuse_tune.storage import import_optuna as _optuna
@@ -144,24 +144,45 @@ def _states():
     return TrialState
 
 
-def _fail_dead_local_trials(study: Any) -> int:
-    """RUNNING trials whose worker process on this host is gone: mark failed and retry their parameters."""
+def _fail_dead_local_trials(study: Any, tracker: Any = None, *, interrupted: bool = False) -> int:
+    """RUNNING trials whose worker process on this host is gone: mark failed and retry their parameters, and end
+    their MLflow child runs (``tracker``; none without tracking) KILLED with the ``failed`` state.
+
+    ``interrupted=True`` (after Ctrl-C, every worker of this run gone or stopping): this process's own trials
+    count as dead too, and nothing is queued again (an interrupted trial was stopped, not lost)."""
     TrialState = _states()
     host = socket.gethostname()
     failed = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.system_attrs
         pid = attrs.get(OptunaAttrs.PID)
-        if attrs.get(OptunaAttrs.HOST) != host or pid is None or _alive(int(pid)):
+        if attrs.get(OptunaAttrs.HOST) != host or pid is None:
             continue
+        if not (interrupted and int(pid) == os.getpid()) and _alive(int(pid)):
+            continue
+        reason = "interrupted" if interrupted else f"worker pid {pid} died"
         try:
-            fail_trial(study, trial, OptunaAttrs.FAIL_REASON, f"worker pid {pid} died")
+            fail_trial(study, trial, OptunaAttrs.FAIL_REASON, reason)
         except Exception:  # another worker got there first
             continue
-        if OptunaAttrs.RETRY_OF not in trial.user_attrs:  # enqueue_trial stores it as a user attribute
+        if not interrupted and OptunaAttrs.RETRY_OF not in trial.user_attrs:  # enqueue_trial: a user attribute
             study.enqueue_trial(trial.params, user_attrs={OptunaAttrs.RETRY_OF: trial.number})
+        _end_killed_run(tracker, attrs.get(OptunaAttrs.MLFLOW_RUN_ID), reason)
         failed += 1
     return failed
+
+
+def _end_killed_run(tracker: Any, run_id: str | None, reason: str) -> None:
+    """End a dead or interrupted trial's MLflow child run if it is still RUNNING: ``failed``, ``KILLED``."""
+    if tracker is None or run_id is None or not hasattr(tracker, "trial_run"):
+        return
+    try:
+        if tracker.client.get_run(run_id).info.status != "RUNNING":
+            return  # the worker ended it itself before it stopped
+        end_trial_run(tracker.trial_run(run_id), STATE_FAILED, "KILLED", reason)
+    except Exception as exc:  # a run in another tracking store (a resume with another --mlflow-uri), ...
+        print(f"fuse-tune: could not end MLflow run {run_id} of a {reason.split()[0]} trial: "
+              f"{type(exc).__name__}: {redact(str(exc).splitlines()[0] if str(exc) else '')}", file=sys.stderr)
 
 
 def _alive(pid: int) -> bool:
@@ -294,7 +315,7 @@ def work(config: WorkerConfig, on_trial: Callable[[], None] | None = None) -> in
     ran = 0
     failures_in_a_row = 0
     while True:
-        _fail_dead_local_trials(study)
+        _fail_dead_local_trials(study, tracker)
         finished, running = _count(study)
         if finished + running >= config.n_trials:
             break
@@ -383,9 +404,10 @@ def run_study(spec: StudySpec, *, n_trials: int | None = None, n_jobs: int = 1, 
         raise UserError("storage: SQLite locks under parallel writers; with --n-jobs > 1 use the default journal "
                          "file or a PostgreSQL URL")
     study = prepare_study(spec, storage_url, must_exist=must_exist)
-    _fail_dead_local_trials(study)
     if tracking_uri == "default":
         tracking_uri = default_tracking_uri()
+    tracker = MlflowTracker(tracking_uri, experiment=spec.name) if tracking_uri else None
+    _fail_dead_local_trials(study, tracker)
     parent_run_id = start_study_run(spec, tracking_uri, n_trials, "optuna", storage_url)
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // n_jobs)
@@ -409,15 +431,39 @@ def run_study(spec: StudySpec, *, n_trials: int | None = None, n_jobs: int = 1, 
                 torch.set_num_threads(previous)
         else:
             _run_processes(base, n_jobs, study, bar, n_trials)
-    except BaseException:
+    except BaseException as exc:
         status = "KILLED"
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: no trial of this run may stay RUNNING
+            _fail_dead_local_trials(study, tracker, interrupted=True)
         raise
     finally:
         bar.update(max(0, min(_count(study)[0], n_trials) - bar.n))
         bar.close()
-        if tracking_uri and parent_run_id:
-            MlflowTracker(tracking_uri, experiment=spec.name).finish_study(parent_run_id, status)
+        if tracker is not None and parent_run_id:
+            tracker.finish_study(parent_run_id, status)
     return StudySummary(study, storage_url, tracking_uri, parent_run_id)
+
+
+#: seconds interrupted workers get to record their own trials (failed in Optuna, KILLED in MLflow) before SIGTERM
+INTERRUPT_GRACE = 10.0
+
+
+def _stop_workers(processes: list[Any]) -> None:
+    """After Ctrl-C. In a terminal the SIGINT reached every worker too (one process group): each fails its trial
+    in Optuna and ends its MLflow run as it unwinds, so wait for that (:data:`INTERRUPT_GRACE` seconds, or until a
+    second Ctrl-C), then SIGTERM whatever still runs (a worker the signal did not reach: ``kill -INT`` of this
+    process alone). The caller fails what a SIGTERM cut short (:func:`_fail_dead_local_trials`)."""
+    deadline = time.monotonic() + INTERRUPT_GRACE
+    try:
+        for process in processes:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:
+        pass
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=10)
 
 
 def _run_processes(base: WorkerConfig, n_jobs: int, study: Any, bar: Any, n_trials: int) -> None:
@@ -433,8 +479,7 @@ def _run_processes(base: WorkerConfig, n_jobs: int, study: Any, bar: Any, n_tria
             time.sleep(1.0)
             bar.update(max(0, min(_count(study)[0], n_trials) - bar.n))
     except KeyboardInterrupt:
-        for process in processes:
-            process.terminate()
+        _stop_workers(processes)
         raise
     for process in processes:
         process.join()

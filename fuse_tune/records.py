@@ -28,7 +28,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["Tags", "OptunaAttrs", "StudyParams", "Metrics", "ROLE_STUDY", "ROLE_TRIAL", "STATE_COMPLETE",
+__all__ = ["Tags", "OptunaAttrs", "StudyParams", "Metrics", "EXPERIMENT_KIND_MODEL_TRAINING", "ROLE_STUDY",
+           "ROLE_TRIAL", "STATE_COMPLETE",
            "STATE_PRUNED", "STATE_FAILED", "STATES", "SWITCH_PARAM_PREFIX", "THETA_PARAM_PREFIX",
            "PER_SEED_METRICS", "EPOCH_MEAN_METRICS", "OBJECTIVE_METRICS", "COST_METRICS", "MAXIMIZE", "MINIMIZE",
            "DIRECTIONS", "NEVER_SWITCHED", "FIRST_PHASE", "REPORT_ARTIFACT_DIR", "direction", "second_phase_name",
@@ -74,6 +75,9 @@ class Tags:
     SWITCH_REASON = "fuse.switch_reason"
     #: MLflow's own tag nesting a child run under its parent run (the parent's run id)
     MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"
+    #: MLflow 3's *experiment* tag for what an experiment holds; :data:`EXPERIMENT_KIND_MODEL_TRAINING` makes its
+    #: UI open a study's experiment on the runs table instead of the GenAI traces page
+    MLFLOW_EXPERIMENT_KIND = "mlflow.experimentKind"
     #: prefix of the package-version tags (``version.torch``, ``version.optuna``, ...)
     VERSION_PREFIX = "version."
     #: the git commit of the fuse checkout that ran (``unknown`` outside a checkout)
@@ -105,6 +109,9 @@ class Tags:
     #: that trial's objective value on the tuning seeds
     TUNING_VALUE = "fuse.tuning_value"
 
+
+#: :attr:`Tags.MLFLOW_EXPERIMENT_KIND` of every experiment fuse-tune writes (MLflow 3's "machine learning" kind)
+EXPERIMENT_KIND_MODEL_TRAINING = "custom_model_development"
 
 #: :attr:`Tags.ROLE` of a study's parent run
 ROLE_STUDY = "study"

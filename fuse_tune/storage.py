@@ -9,8 +9,10 @@ Storage URLs (``--storage`` or the study file's ``storage``):
 * default: Optuna's journal file ``./fuse-studies.log`` (``JournalFileBackend``); ``journal:PATH`` or a path
   ending in ``.log``/``.jsonl``/``.journal`` names another;
 * ``sqlite:///...``: one process only (SQLite locks under parallel writers);
-* any other SQLAlchemy URL (``postgresql://...``): many machines, with heartbeats and one retry of a trial
-  whose worker died.
+* any other SQLAlchemy URL (``postgresql://user:pw@host/db``): many machines, with heartbeats and one retry of a
+  trial whose worker died. A ``postgresql://`` (or ``postgres://``) URL that names no driver is opened with the
+  driver installed: psycopg2 (``psycopg2-binary``, in the ``tuning`` extra) unless psycopg 3 is there, which
+  SQLAlchemy 2.1 would pick for it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fuse_tune.errors import UserError
 from fuse_tune.records import redact
 
 __all__ = ["DEFAULT_JOURNAL", "import_optuna", "absolute_sqlite_url", "resolve_storage_url", "resolve_tracking_uri",
-           "open_storage"]
+           "database_url", "open_storage"]
 
 DEFAULT_JOURNAL = "fuse-studies.log"
 _JOURNAL_SUFFIXES = (".log", ".jsonl", ".journal")
@@ -79,6 +81,25 @@ def resolve_tracking_uri(uri: str | None, workdir: str | os.PathLike[str] | None
     return absolute_sqlite_url(uri, workdir)
 
 
+def database_url(url: str) -> str:
+    """The SQLAlchemy URL to open for a storage URL: ``postgresql://`` (or ``postgres://``) without a driver gets
+    the installed one, ``postgresql+psycopg2://`` unless psycopg 3 is installed; any other URL as it is.
+
+    SQLAlchemy 2.1 opens a bare ``postgresql://`` with psycopg 3 (``Failed to import DB access module`` when only
+    psycopg2 is installed), and has no ``postgres://`` alias at all; the URL the user wrote is what fuse shows."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    if importlib.util.find_spec("psycopg") is not None:
+        return f"postgresql+psycopg://{rest}"
+    if importlib.util.find_spec("psycopg2") is not None:
+        return f"postgresql+psycopg2://{rest}"
+    raise UserError(f"storage {redact(url)}: no PostgreSQL driver is installed; pip install 'fuse-optim[tuning]' "
+                     "(it brings psycopg2-binary)")
+
+
 def open_storage(url: str, *, create: bool = True) -> Any:
     """The Optuna storage object for a URL from :func:`resolve_storage_url`.
 
@@ -98,7 +119,7 @@ def open_storage(url: str, *, create: bool = True) -> Any:
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if not create:
-        return optuna.storages.RDBStorage(url, skip_table_creation=True)
+        return optuna.storages.RDBStorage(database_url(url), skip_table_creation=True)
     if url.startswith("sqlite:"):
         return optuna.storages.RDBStorage(url)
     return _open_database_server(optuna, url)
@@ -108,6 +129,7 @@ def _open_database_server(optuna: Any, url: str) -> Any:
     """A shared database (PostgreSQL, MySQL) for workers on many machines."""
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
+    engine_url = database_url(url)
     try:
         for attempt in range(6):
             try:
@@ -117,7 +139,7 @@ def _open_database_server(optuna: Any, url: str) -> Any:
                     warnings.simplefilter("ignore", FutureWarning)
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     return optuna.storages.RDBStorage(
-                        url, heartbeat_interval=30, grace_period=90,
+                        engine_url, heartbeat_interval=30, grace_period=90,
                         failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
                         engine_kwargs={"pool_pre_ping": True},
                     )

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from fuse_tune.errors import UserError
 from fuse_tune.records import (
+    EXPERIMENT_KIND_MODEL_TRAINING,
     ROLE_STUDY,
     ROLE_TRIAL,
     STATE_FAILED,
@@ -31,11 +32,11 @@ from fuse_tune.records import (
     redact,
     tag_equals,
 )
+from fuse_tune.servers import SERVER_CHECK_TIMEOUT, check_tracking_server
 
 # redact and flatten_params live in fuse_tune.records; they stay importable from here for existing callers.
 __all__ = ["Tracker", "TrialRun", "MlflowTracker", "NullTracker", "redact", "default_tracking_uri", "flatten_params",
-           "versions", "end_trial_run", "fail_trial_run"]
-
+           "versions", "end_trial_run", "fail_trial_run", "check_tracking_server", "SERVER_CHECK_TIMEOUT"]
 
 def default_tracking_uri(directory: str | os.PathLike[str] | None = None) -> str:
     """``sqlite:///<absolute directory>/mlflow.db`` (the working directory by default)."""
@@ -177,25 +178,37 @@ class MlflowTracker:
         except ImportError:  # pragma: no cover - depends on the install
             raise UserError("MLflow tracking needs the 'tuning' extra: pip install 'fuse[tuning]'") from None
         self.tracking_uri = tracking_uri or default_tracking_uri()
+        check_tracking_server(self.tracking_uri)  # MLflow's client would retry a dead server for minutes
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self.experiment_name = experiment
         self.experiment_id = self._experiment(experiment)
 
     def _experiment(self, name: str) -> str:
+        """The experiment's id, created if missing; marked as model training (MLflow 3's UI then opens it on the
+        runs table, not on the GenAI traces page) unless it already says what it holds."""
         found = self.client.get_experiment_by_name(name)
         if found is not None:
+            if Tags.MLFLOW_EXPERIMENT_KIND not in (found.tags or {}):  # made by an older fuse, or by hand
+                self.client.set_experiment_tag(found.experiment_id, Tags.MLFLOW_EXPERIMENT_KIND,
+                                               EXPERIMENT_KIND_MODEL_TRAINING)
             return found.experiment_id
         artifact_location = None
         if self.tracking_uri.startswith("sqlite:///"):
             database = Path(self.tracking_uri[len("sqlite:///"):])
             artifact_location = (database.parent / "mlartifacts").resolve().as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
+            return self.client.create_experiment(
+                name, artifact_location=artifact_location,
+                tags={Tags.MLFLOW_EXPERIMENT_KIND: EXPERIMENT_KIND_MODEL_TRAINING})
         except Exception:  # another worker created it first
             found = self.client.get_experiment_by_name(name)
             if found is None:
                 raise
             return found.experiment_id
+
+    def trial_run(self, run_id: str) -> _MlflowRun:
+        """An existing child run, to end it (its id: an Optuna trial's ``OptunaAttrs.MLFLOW_RUN_ID`` attribute)."""
+        return _MlflowRun(self.client, run_id)
 
     def find_study_run(self, study: str) -> str | None:
         query = f"{tag_equals(Tags.STUDY, study)} and {tag_equals(Tags.ROLE, ROLE_STUDY)}"

@@ -20,6 +20,7 @@ from fuse_tune.ray_backend.resources import (
     absolute_spec,
     alive_nodes,
     capacity,
+    check_cluster_address,
     check_local_resources,
     check_resources,
     import_ray,
@@ -382,7 +383,9 @@ def run_ray_study(spec: StudySpec, *, n_trials: int | None = None, n_jobs: int |
 
         tracking_uri = default_tracking_uri()
     tracking_uri = resolve_tracking_uri(tracking_uri)
+    flag = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or None
+    check_cluster_address(address, flag)  # seconds, not Ray's 90 s of connection warnings
     request = spec.resources
     if not address:  # refuse before starting anything: the local Ray would get these resources
         check_local_resources(request)

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from fuse_tune.errors import UserError
+from fuse_tune.servers import CLUSTER_CHECK_TIMEOUT, check_cluster_address
 from fuse_tune.spec import StudySpec
 from fuse_tune.storage import resolve_tracking_uri
 
 __all__ = ["DEFAULT_RAY_STORAGE", "ResourceError", "import_ray", "resolve_tracking_uri", "resolve_storage_path",
-           "absolute_spec", "check_resources", "check_local_resources", "capacity", "local_cores", "alive_nodes"]
+           "absolute_spec", "check_resources", "check_local_resources", "capacity", "local_cores", "alive_nodes",
+           "check_cluster_address", "CLUSTER_CHECK_TIMEOUT"]
 
 DEFAULT_RAY_STORAGE = "ray_results"
 

@@ -105,3 +105,43 @@ def test_a_base_install_without_the_tuning_extra_gets_one_line(monkeypatch, caps
     err = capsys.readouterr().err.strip()
     assert err == ("fuse-tune: error: fuse-tune needs the 'tuning' extra (missing: yaml): "
                    "pip install 'fuse-optim[tuning]'")
+
+
+def test_a_postgresql_url_without_a_driver_opens_with_the_installed_one(monkeypatch):
+    """SQLAlchemy 2.1 opens a bare ``postgresql://`` with psycopg 3; fuse opens it with the driver installed
+    (psycopg2 from the tuning extra), and says which extra to install when there is none."""
+    import importlib.util
+
+    from fuse_tune.storage import database_url
+
+    assert database_url("postgresql+psycopg2://u:pw@h/db") == "postgresql+psycopg2://u:pw@h/db"
+    assert database_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    real = importlib.util.find_spec
+    for installed, expected in (({"psycopg2"}, "postgresql+psycopg2://u:pw@h/db"),
+                                ({"psycopg", "psycopg2"}, "postgresql+psycopg://u:pw@h/db")):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a, ok=installed: (real("os") if name in ok else None)
+                            if name in ("psycopg", "psycopg2") else real(name, *a))
+        assert database_url("postgresql://u:pw@h/db") == expected
+        assert database_url("postgres://u:pw@h/db") == expected
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("psycopg", "psycopg2") else real(name, *a))
+    with pytest.raises(UserError, match=r"^storage postgresql://u:\*\*\*@h/db: no PostgreSQL driver .*tuning"):
+        database_url("postgresql://u:pw@h/db")
+
+
+def test_check_tracking_server_passes_what_is_not_a_server_and_answers_in_seconds():
+    import socket
+    import time
+
+    from fuse_tune.tracking import check_tracking_server
+
+    for uri in (None, "", "sqlite:////tmp/mlflow.db", "file:///tmp/mlruns", "databricks"):
+        check_tracking_server(uri)  # not an HTTP server: nothing to check
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(UserError, match=rf"^--mlflow-uri http://u:\*\*\*@127.0.0.1:{port}: no MLflow tracking"):
+            check_tracking_server(f"http://u:pw@127.0.0.1:{port}", timeout=2)
+    assert time.monotonic() - started < 5

@@ -217,6 +217,7 @@ def test_mlflow_server_gets_a_parent_run_and_one_child_per_trial(mlflow_server, 
     client = MlflowClient(mlflow_server.uri)
     experiment = client.get_experiment_by_name(name)
     assert experiment is not None
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"  # the UI opens on runs
     runs = client.search_runs([experiment.experiment_id], max_results=100)
     parents = [r for r in runs if r.data.tags.get("fuse.role") == "study"]
     children = [r for r in runs if r.data.tags.get("fuse.role") == "trial"]
@@ -303,7 +304,7 @@ def test_sigkill_mid_trial_then_rerun_finishes_exactly_n(tmp_path):
     n_trials, epochs, name = 6, 4, "killed"
     study_file = write_study(tmp_path, name, epochs=epochs)
     log = tmp_path / "fuse-studies.log"  # the default journal storage, in the working directory
-    args = (str(study_file), "--n-trials", str(n_trials), "--no-mlflow")
+    args = (str(study_file), "--n-trials", str(n_trials))  # MLflow: the default store, ./mlflow.db
 
     # Trial 0 completes; the two workers' next trials are killed after one of their four epochs.
     first, cli_pid = kill_parked(tmp_path, (*args, "--n-jobs", "2"), log, name, workers=2, after=0)
@@ -348,3 +349,121 @@ def test_sigkill_mid_trial_then_rerun_finishes_exactly_n(tmp_path):
         retry = retries[0]
         assert retry.number > number and retry.params == trial.params
         assert retry.state == (TrialState.FAIL if retry.number in killed else TrialState.COMPLETE)
+
+    # MLflow: the resumes ended the killed trials' child runs (KILLED, failed); none is left RUNNING.
+    runs = mlflow_runs(tmp_path, name)
+    children = {r.info.run_id: r for r in runs if r.data.tags.get("fuse.role") == "trial"}
+    assert not [r.data.tags.get("fuse.trial") for r in children.values() if r.info.status == "RUNNING"]
+    for number, trial in killed.items():
+        run_id = trial.system_attrs["fuse.mlflow_run_id"]
+        assert children[run_id].info.status == "KILLED", (number, children[run_id].info.status)
+        assert children[run_id].data.tags["fuse.state"] == "failed"
+        assert "died" in children[run_id].data.tags["fuse.error"]
+    assert [r.info.status for r in runs if r.data.tags.get("fuse.role") == "study"] == ["FINISHED"]
+
+
+def mlflow_runs(cwd: Path, name: str) -> list:
+    """Every run of study ``name``'s experiment in the default MLflow store of a run in ``cwd`` (./mlflow.db)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+# ------------------------------------------------------------------ Ctrl-C
+
+
+def test_ctrl_c_leaves_no_trial_or_run_running(tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the process group) of a two-worker run with a trial on each worker: the
+    interrupted trials end FAIL in Optuna and their child runs KILLED (state failed) in MLflow before the command
+    exits; the experiment is marked as model training, so MLflow 3's UI opens on its runs table."""
+    pytest.importorskip("mlflow")
+    name = "interrupted"
+    study_file = write_study(tmp_path, name, epochs=4)
+    log = tmp_path / "fuse-studies.log"
+    # Every trial parks after its first epoch (parking_cli.py) until the interrupt.
+    process = start(tmp_path, str(study_file), "--n-trials", "4", "--n-jobs", "2",
+                    hold={"FUSE_TEST_PARK_ABOVE": "-1"}, start_new_session=True)
+    seen: list = []
+
+    def parked() -> list:
+        nonlocal seen
+        try:
+            seen = load(name, journal(log)).get_trials(deepcopy=False)
+        except KeyError:  # the study is not created yet
+            seen = []
+        running = [t for t in seen if t.state == TrialState.RUNNING and len(t.intermediate_values) == 1
+                   and "fuse.mlflow_run_id" in t.system_attrs]
+        return running if len(running) == 2 else []
+
+    try:
+        interrupted = wait_for("both workers had a trial with an epoch reported", parked, [process],
+                               lambda: f"(trial, state, epochs): "
+                                       f"{[(t.number, t.state.name, len(t.intermediate_values)) for t in seen]}")
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=EXIT_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.communicate(timeout=60)
+    assert process.returncode == 130, f"exit {process.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    assert "fuse-tune: interrupted" in stderr
+
+    trials = {t.number: t for t in load(name, journal(log)).get_trials()}
+    assert not [n for n, t in trials.items() if t.state in (TrialState.RUNNING, TrialState.WAITING)], \
+        [(n, t.state.name) for n, t in trials.items()]
+    assert {trials[t.number].state for t in interrupted} == {TrialState.FAIL}
+
+    runs = mlflow_runs(tmp_path, name)
+    children = {r.info.run_id: r for r in runs if r.data.tags.get("fuse.role") == "trial"}
+    assert not [r.data.tags.get("fuse.trial") for r in children.values() if r.info.status == "RUNNING"]
+    for trial in interrupted:
+        run = children[trial.system_attrs["fuse.mlflow_run_id"]]
+        assert run.info.status == "KILLED" and run.data.tags["fuse.state"] == "failed"
+    assert [r.info.status for r in runs if r.data.tags.get("fuse.role") == "study"] == ["KILLED"]
+
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_experiment_by_name(name)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
+
+
+# ------------------------------------------------------------------ servers that are not there
+
+
+@pytest.mark.parametrize("flags", [("--mlflow-uri", "http://127.0.0.1:{port}"),
+                                   ("--backend", "ray", "--no-mlflow", "--address", "127.0.0.1:{port}")],
+                         ids=["mlflow-server", "ray-cluster"])
+def test_a_server_that_is_not_there_is_one_line_within_seconds(tmp_path, flags):
+    """An MLflow tracking server or a Ray cluster at a closed port: exit 2 and one line within 15 s (MLflow's client
+    retries for minutes, Ray prints connection warnings for 90 s and more)."""
+    import socket
+
+    study_file = write_study(tmp_path, "unreachable")
+    with socket.socket() as closed:  # bound, not listening: a connection is refused while the test holds it
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        started = time.monotonic()
+        done = subprocess.run(cli(str(study_file), *(f.format(port=port) for f in flags)), cwd=tmp_path, env=env(),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=EXIT_TIMEOUT)
+        elapsed = time.monotonic() - started
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, f"exit {done.returncode}\nstderr:\n{done.stderr}"
+    assert lines[0].startswith("fuse-tune: error: ") and f"127.0.0.1:{port}" in lines[0]
+    assert elapsed < 15, f"{elapsed:.1f} s: {lines[0]}"
+
+
+def test_the_readme_postgresql_url_runs_a_study(postgres_server, tmp_path):
+    """`--storage postgresql://user:pw@host:port/db` exactly as the README writes it (no driver named: SQLAlchemy
+    2.1 would pick psycopg 3 for it), with what `pip install ".[tuning]"` brings."""
+    url = postgres_server.new_database().replace("postgresql+psycopg2://", "postgresql://", 1)
+    assert url.startswith(f"postgresql://{postgres_server.user}:{postgres_server.password}@")
+    assert "--storage postgresql://user:pw@host/db" in (Path(__file__).parents[2] / "README.md").read_text()
+    study_file = write_study(tmp_path, "pg-readme")
+    done = run(tmp_path, str(study_file), "--storage", url, "--n-trials", "1", "--no-mlflow")
+    assert postgres_server.password not in done.stdout + done.stderr
+    assert f"postgresql://{postgres_server.user}:***@" in done.stdout
+    assert len(finished(load("pg-readme", url.replace("postgresql://", "postgresql+psycopg2://", 1)).get_trials())) == 1
