@@ -57,7 +57,7 @@ from torch.optim.adam import adam as adam_kernel
 from .lbfgs import LBFGSMemory
 from .line_search import LineSearchResult, make_line_search
 from .schedules import ThetaSchedule, make_schedule
-from .switch import Never, SwitchCriterion, make_criterion
+from .switch import Never, SwitchCriterion, SwitchState
 
 __all__ = ["FusePV", "Fuse", "StepInfo", "ADAM", "LBFGS", "RECOVERY_NON_FINITE", "RECOVERY_NOT_DESCENT", "CONVERGED",
            "NOTHING_TO_MOVE"]
@@ -947,10 +947,11 @@ class FusePV(_AdamLBFGSBase):
         tolerance_change: float = 1e-12,
         track_grad_norm: bool = False,
     ) -> None:
-        self.criterion = make_criterion(
+        self._switch = SwitchState(
             switch if switch is not None
             else {"criterion": "loss_change", "sigma": 1e-3, "relative": True, "window": 50}
         )
+        self.criterion = self._switch.criterion
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             eps_inside_sqrt=eps_inside_sqrt, foreach=foreach, fused=fused, maximize=maximize, capturable=capturable,
@@ -960,9 +961,21 @@ class FusePV(_AdamLBFGSBase):
             initial_inverse_hessian=initial_inverse_hessian, tolerance_grad=tolerance_grad,
             tolerance_change=tolerance_change, track_grad_norm=track_grad_norm,
         )
-        self.switched_at_step: int | None = None
-        self.switched_at_epoch: int | None = None
-        self.switch_reason: str | None = None
+
+    @property
+    def switched_at_step(self) -> int | None:
+        """Completed steps when the switch happened (``None`` before it)."""
+        return self._switch.at_step
+
+    @property
+    def switched_at_epoch(self) -> int | None:
+        """Completed epochs when the switch happened (``None`` before it)."""
+        return self._switch.at_epoch
+
+    @property
+    def switch_reason(self) -> str | None:
+        """What fired, e.g. ``"epoch(epoch >= 5)"``, or ``"manual"``."""
+        return self._switch.reason
 
     def _may_use_lbfgs(self) -> bool:
         return not isinstance(self.criterion, Never)
@@ -979,14 +992,13 @@ class FusePV(_AdamLBFGSBase):
             return
         _check_one_vector(self._all_params())
         self.phase = LBFGS
-        self.switched_at_step = self._step_count
-        self.switched_at_epoch = self._epoch_count
-        self.switch_reason = reason
+        if not self._switch.fired:  # a manual switch; check() has recorded a criterion's
+            self._switch.fire(self._step_count, self._epoch_count, reason)
         self._ensure_memory()
 
     def _maybe_switch(self) -> None:
-        if self.phase == ADAM and self.criterion.ready(self._step_count, self._epoch_count):
-            self.switch_to_lbfgs(self.criterion.reason)
+        if self.phase == ADAM and self._switch.check(self._step_count, self._epoch_count):
+            self.switch_to_lbfgs(self._switch.reason)
 
     def end_epoch(self) -> bool:
         """Mark the end of an epoch: call once per epoch from the training loop.
@@ -996,9 +1008,8 @@ class FusePV(_AdamLBFGSBase):
         epoch). Returns whether the optimizer is now in the L-BFGS phase.
         """
         self._epoch_count += 1
-        if self.phase == ADAM:
-            self.criterion.end_epoch()
-            self._maybe_switch()
+        if self.phase == ADAM and self._switch.end_epoch(self._step_count, self._epoch_count):
+            self.switch_to_lbfgs(self._switch.reason)
         return self.phase == LBFGS
 
     @torch.no_grad()
@@ -1025,11 +1036,7 @@ class FusePV(_AdamLBFGSBase):
 
     def _global_state(self) -> dict[str, Any]:
         state = super()._global_state()
-        state.update(
-            criterion=self.criterion.state_dict(), criterion_config=self.criterion.config(),
-            switched_at_step=self.switched_at_step, switched_at_epoch=self.switched_at_epoch,
-            switch_reason=self.switch_reason,
-        )
+        state.update(self._switch.state_dict(), criterion_config=self.criterion.config())
         return state
 
     def _check_global_state(self, state: Mapping[str, Any]) -> None:
@@ -1042,10 +1049,7 @@ class FusePV(_AdamLBFGSBase):
 
     def _load_global_state(self, state: Mapping[str, Any]) -> None:
         super()._load_global_state(state)
-        self.criterion.load_state_dict(state["criterion"])
-        self.switched_at_step = state["switched_at_step"]
-        self.switched_at_epoch = state["switched_at_epoch"]
-        self.switch_reason = state["switch_reason"]
+        self._switch.load_state_dict(state)
 
 
 class Fuse(_AdamLBFGSBase):

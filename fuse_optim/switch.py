@@ -46,6 +46,7 @@ __all__ = [
     "Never",
     "make_criterion",
     "CRITERIA",
+    "SwitchState",
 ]
 
 
@@ -408,3 +409,50 @@ def make_criterion(spec: SwitchCriterion | Mapping[str, Any] | str) -> SwitchCri
     if missing:
         raise ValueError(f"switch criterion {kind!r} needs key(s) {sorted(missing)}")
     return cls(**options)
+
+
+class SwitchState:
+    """The one-way switch of an "Adam, then something else" optimizer: a criterion, and when and why it fired.
+
+    Shared by :class:`fuse_optim.FusePV` (Adam, then L-BFGS) and ``fuse_tune``'s Adam-then-SGD baseline,
+    which drive it the same way: :meth:`check` before every step, :meth:`end_epoch` at the end of every
+    epoch; ``check`` returns True once, at the step or epoch the criterion fires, and the optimizer then
+    changes phase. ``at_step`` and ``at_epoch`` count completed steps and epochs at that moment.
+    """
+
+    def __init__(self, criterion: SwitchCriterion | Mapping[str, Any] | str) -> None:
+        self.criterion = make_criterion(criterion)
+        self.at_step: int | None = None
+        self.at_epoch: int | None = None
+        self.reason: str | None = None
+
+    @property
+    def fired(self) -> bool:
+        return self.at_step is not None
+
+    def fire(self, step: int, epoch: int, reason: str) -> None:
+        """Record the switch (also a manual one) at ``step`` completed steps and ``epoch`` completed epochs."""
+        self.at_step, self.at_epoch, self.reason = step, epoch, reason
+
+    def check(self, step: int, epoch: int) -> bool:
+        """True when the criterion fires now (once); the switch is then recorded."""
+        if self.fired or not self.criterion.ready(step, epoch):
+            return False
+        self.fire(step, epoch, self.criterion.reason)
+        return True
+
+    def end_epoch(self, step: int, epoch: int) -> bool:
+        """Forward the end of an epoch to the criterion (before the switch only), then :meth:`check`."""
+        if self.fired:
+            return False
+        self.criterion.end_epoch()
+        return self.check(step, epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"criterion": self.criterion.state_dict(), "switched_at_step": self.at_step,
+                "switched_at_epoch": self.at_epoch, "switch_reason": self.reason}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.criterion.load_state_dict(state["criterion"])
+        self.at_step, self.at_epoch = state["switched_at_step"], state["switched_at_epoch"]
+        self.reason = state["switch_reason"]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from fuse_optim import Fuse, FusePV
-from fuse_optim.switch import SwitchCriterion, make_criterion
+from fuse_optim.switch import SwitchCriterion, SwitchState
 
 __all__ = ["OPTIMIZERS", "AdamThenSGD", "build_optimizer", "optimizer_phase", "accepted_arguments"]
 
@@ -45,19 +45,30 @@ class AdamThenSGD(torch.optim.Optimizer):
             raise ValueError(f"sgd_lr must be a number > 0, got {sgd_lr!r}")
         self.adam = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.sgd = torch.optim.SGD(params, lr=sgd_lr, momentum=momentum, weight_decay=weight_decay)
-        self.criterion = make_criterion(switch)
+        self._switch = SwitchState(switch)
+        self.criterion = self._switch.criterion
         super().__init__(params, {"lr": lr})
-        self.phase = "adam"
-        self.switched_at_step: int | None = None
-        self.switched_at_epoch: int | None = None
-        self.switch_reason: str | None = None
         self._steps = 0
         self._epochs = 0
 
+    @property
+    def phase(self) -> str:
+        return "sgd" if self._switch.fired else "adam"
+
+    @property
+    def switched_at_step(self) -> int | None:
+        return self._switch.at_step
+
+    @property
+    def switched_at_epoch(self) -> int | None:
+        return self._switch.at_epoch
+
+    @property
+    def switch_reason(self) -> str | None:
+        return self._switch.reason
+
     def _maybe_switch(self) -> None:
-        if self.phase == "adam" and self.criterion.ready(self._steps, self._epochs):
-            self.phase, self.switch_reason = "sgd", self.criterion.reason
-            self.switched_at_step, self.switched_at_epoch = self._steps, self._epochs
+        self._switch.check(self._steps, self._epochs)
 
     def step(self, closure=None):  # type: ignore[override]
         self._maybe_switch()
@@ -76,25 +87,18 @@ class AdamThenSGD(torch.optim.Optimizer):
 
     def end_epoch(self) -> bool:
         self._epochs += 1
-        if self.phase == "adam":
-            self.criterion.end_epoch()
-            self._maybe_switch()
+        self._switch.end_epoch(self._steps, self._epochs)
         return self.phase == "sgd"
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"adam": self.adam.state_dict(), "sgd": self.sgd.state_dict(), "criterion": self.criterion.state_dict(),
-                "phase": self.phase, "steps": self._steps, "epochs": self._epochs,
-                "switched_at_step": self.switched_at_step, "switched_at_epoch": self.switched_at_epoch,
-                "switch_reason": self.switch_reason}
+        return {"adam": self.adam.state_dict(), "sgd": self.sgd.state_dict(), **self._switch.state_dict(),
+                "phase": self.phase, "steps": self._steps, "epochs": self._epochs}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
         self.adam.load_state_dict(state_dict["adam"])
         self.sgd.load_state_dict(state_dict["sgd"])
-        self.criterion.load_state_dict(state_dict["criterion"])
-        self.phase, self._steps, self._epochs = state_dict["phase"], state_dict["steps"], state_dict["epochs"]
-        self.switched_at_step = state_dict["switched_at_step"]
-        self.switched_at_epoch = state_dict["switched_at_epoch"]
-        self.switch_reason = state_dict["switch_reason"]
+        self._switch.load_state_dict(state_dict)
+        self._steps, self._epochs = state_dict["steps"], state_dict["epochs"]
 
 
 def _torch_lbfgs(params: Iterable[torch.Tensor], lr: float = 1.0, history_size: int = 10, max_iter: int = 1,

@@ -391,3 +391,20 @@ def test_switch_state_is_in_the_state_dict() -> None:
     assert (copy.phase, copy.switched_at_step, copy.switched_at_epoch, copy.switch_reason, copy.epoch,
             copy.step_count) == ("lbfgs", 4, 1, opt.switch_reason, 1, 5)
     assert copy.criterion.state_dict() == opt.criterion.state_dict()
+
+
+def test_switch_state_fires_once_and_round_trips() -> None:
+    """The switch FusePV and fuse_tune's Adam-then-SGD share: fires once, records when and why, stops feeding
+    the criterion afterwards, and its state dict restores all of it."""
+    from fuse_optim.switch import SwitchState
+
+    state = SwitchState({"criterion": "epoch", "epoch": 2})
+    assert not state.check(step=5, epoch=1) and not state.fired
+    assert not state.end_epoch(step=10, epoch=1)
+    assert state.end_epoch(step=20, epoch=2) and state.fired
+    assert (state.at_step, state.at_epoch, state.reason) == (20, 2, "epoch(epoch >= 2)")
+    assert not state.check(step=21, epoch=2) and not state.end_epoch(step=30, epoch=3)  # once only
+    assert state.at_step == 20
+    copy = SwitchState({"criterion": "epoch", "epoch": 2})
+    copy.load_state_dict(state.state_dict())
+    assert (copy.fired, copy.at_step, copy.at_epoch, copy.reason) == (True, 20, 2, "epoch(epoch >= 2)")
