@@ -57,7 +57,7 @@ from torch.optim.adam import adam as adam_kernel
 from .lbfgs import LBFGSMemory
 from .line_search import LineSearchResult, make_line_search
 from .schedules import ThetaSchedule, make_schedule
-from .switch import Never, SwitchCriterion, SwitchState
+from .switch import Never, SwitchCriterion, SwitchedOptimizer, SwitchState
 
 __all__ = ["FusePV", "Fuse", "StepInfo", "ADAM", "LBFGS", "RECOVERY_NON_FINITE", "RECOVERY_NOT_DESCENT", "CONVERGED",
            "NOTHING_TO_MOVE"]
@@ -862,7 +862,7 @@ def _adam_eq2c(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
         param.addcdiv_(exp_avg, exp_avg_sq.add(eps).sqrt_(), value=-step_size)
 
 
-class FusePV(_AdamLBFGSBase):
+class FusePV(SwitchedOptimizer, _AdamLBFGSBase):
     r"""FUSE-PV (paper Algorithm 4): Adam until a switch criterion fires, then L-BFGS.
 
     Args:
@@ -961,21 +961,6 @@ class FusePV(_AdamLBFGSBase):
             initial_inverse_hessian=initial_inverse_hessian, tolerance_grad=tolerance_grad,
             tolerance_change=tolerance_change, track_grad_norm=track_grad_norm,
         )
-
-    @property
-    def switched_at_step(self) -> int | None:
-        """Completed steps when the switch happened (``None`` before it)."""
-        return self._switch.at_step
-
-    @property
-    def switched_at_epoch(self) -> int | None:
-        """Completed epochs when the switch happened (``None`` before it)."""
-        return self._switch.at_epoch
-
-    @property
-    def switch_reason(self) -> str | None:
-        """What fired, e.g. ``"epoch(epoch >= 5)"``, or ``"manual"``."""
-        return self._switch.reason
 
     def _may_use_lbfgs(self) -> bool:
         return not isinstance(self.criterion, Never)

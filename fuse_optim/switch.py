@@ -47,6 +47,7 @@ __all__ = [
     "make_criterion",
     "CRITERIA",
     "SwitchState",
+    "SwitchedOptimizer",
 ]
 
 
@@ -456,3 +457,25 @@ class SwitchState:
         self.criterion.load_state_dict(state["criterion"])
         self.at_step, self.at_epoch = state["switched_at_step"], state["switched_at_epoch"]
         self.reason = state["switch_reason"]
+
+
+class SwitchedOptimizer:
+    """Mixin for an optimizer holding a :class:`SwitchState` in ``self._switch``: its public record of the
+    switch, read-only (``None`` before the switch)."""
+
+    _switch: SwitchState
+
+    @property
+    def switched_at_step(self) -> int | None:
+        """Completed steps when the switch happened."""
+        return self._switch.at_step
+
+    @property
+    def switched_at_epoch(self) -> int | None:
+        """Completed epochs when the switch happened."""
+        return self._switch.at_epoch
+
+    @property
+    def switch_reason(self) -> str | None:
+        """What fired, e.g. ``"epoch(epoch >= 5)"``, or ``"manual"``."""
+        return self._switch.reason

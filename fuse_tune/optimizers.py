@@ -24,12 +24,12 @@ from typing import Any
 import torch
 
 from fuse_optim import Fuse, FusePV
-from fuse_optim.switch import SwitchCriterion, SwitchState
+from fuse_optim.switch import SwitchCriterion, SwitchedOptimizer, SwitchState
 
 __all__ = ["OPTIMIZERS", "AdamThenSGD", "build_optimizer", "optimizer_phase", "accepted_arguments"]
 
 
-class AdamThenSGD(torch.optim.Optimizer):
+class AdamThenSGD(SwitchedOptimizer, torch.optim.Optimizer):
     """Adam until a switch criterion fires, then SGD (with momentum) on the same parameters.
 
     The switch uses the same criteria as FusePV (:mod:`fuse_optim.switch`). ``sgd_lr`` is the
@@ -54,18 +54,6 @@ class AdamThenSGD(torch.optim.Optimizer):
     @property
     def phase(self) -> str:
         return "sgd" if self._switch.fired else "adam"
-
-    @property
-    def switched_at_step(self) -> int | None:
-        return self._switch.at_step
-
-    @property
-    def switched_at_epoch(self) -> int | None:
-        return self._switch.at_epoch
-
-    @property
-    def switch_reason(self) -> str | None:
-        return self._switch.reason
 
     def _maybe_switch(self) -> None:
         self._switch.check(self._steps, self._epochs)

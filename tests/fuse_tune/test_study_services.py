@@ -115,6 +115,14 @@ def journal(path: Path):
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
+def trials_so_far(name: str, log: Path) -> list:
+    """The study's trials in the journal now; none while the study is not created yet."""
+    try:
+        return load(name, journal(log)).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+
+
 def param_key(trial) -> tuple:
     return tuple(sorted(trial.params.items()))
 
@@ -274,10 +282,7 @@ def kill_parked(cwd: Path, args: tuple[str, ...], log: Path, name: str, workers:
 
     def parked() -> list:
         nonlocal seen
-        try:
-            seen = load(name, journal(log)).get_trials(deepcopy=False)
-        except KeyError:  # the study is not created yet
-            seen = []
+        seen = trials_so_far(name, log)
         running = [t for t in seen if t.state == TrialState.RUNNING]
         return running if (any(t.state == TrialState.COMPLETE for t in seen) and len(running) == workers and all(
             t.number > after and len(t.intermediate_values) == 1 and "fuse.pid" in t.system_attrs
@@ -390,10 +395,7 @@ def test_ctrl_c_leaves_no_trial_or_run_running(tmp_path):
 
     def parked() -> list:
         nonlocal seen
-        try:
-            seen = load(name, journal(log)).get_trials(deepcopy=False)
-        except KeyError:  # the study is not created yet
-            seen = []
+        seen = trials_so_far(name, log)
         running = [t for t in seen if t.state == TrialState.RUNNING and len(t.intermediate_values) == 1
                    and "fuse.mlflow_run_id" in t.system_attrs]
         return running if len(running) == 2 else []
