@@ -49,7 +49,7 @@ fixed:
 search:
   lr: {type: float, low: 1.0e-3, high: 1.0e-2, log: true}
   history_size: {type: int, low: 3, high: 10}
-objective: {metric: test_accuracy}
+objective: {metric: val_accuracy}
 budget: {trials: 8}
 sampler: {name: random, seed: 0}
 pruner: {name: none}

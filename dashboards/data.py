@@ -166,7 +166,8 @@ class StudyRuns:
 
     @property
     def direction(self) -> str:
-        return objective_direction(self.objective)
+        """The objective's direction as the study recorded it (older studies: guessed from its name)."""
+        return self.parent_params.get(StudyParams.OBJECTIVE_DIRECTION) or objective_direction(self.objective)
 
     @property
     def storage(self) -> str | None:

@@ -49,7 +49,8 @@ __all__ = ["Plot", "plot_sensitivity", "plot_seed_variance", "plot_learning_curv
 
 #: axis labels of the recorded metrics (others are labelled by their name)
 _LABELS = {Metrics.TEST_ACCURACY: "test accuracy", Metrics.TRAIN_LOSS: "training loss", Metrics.TEST_LOSS: "test loss",
-           Metrics.GAP: "f(x) - f*", Metrics.GRAD_SQ_NORM: "mean ||g||^2"}
+           Metrics.VAL_ACCURACY: "validation accuracy", Metrics.VAL_LOSS: "validation loss", Metrics.GAP: "f(x) - f*",
+           Metrics.GRAD_SQ_NORM: "mean ||g||^2"}
 
 
 @dataclass

@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fuse_tune.records import MAXIMIZE, STATE_COMPLETE, Metrics, seed_std, short_value
+from fuse_tune.records import MAXIMIZE, STATE_COMPLETE, TEST_PREFIX, VALIDATION_PREFIX, Metrics, seed_std, short_value
 from fuse_tune.records import direction as objective_direction
 
 __all__ = ["THRESHOLDS", "empty", "objective_of", "final_values", "sensitivity_table", "seed_variance_table",
            "learning_curve_table", "theta_schedule_table", "history_batch_table", "switch_ecdf_table",
            "performance_profile_table", "importance_table", "best_configurations", "comparison_table",
-           "comparison_markdown", "COMPARISON_METRICS", "paired_differences", "paired_markdown"]
+           "comparison_markdown", "COMPARISON_METRICS", "comparison_metrics",
+           "test_counterpart", "paired_differences", "paired_markdown"]
 
 #: switch criterion -> the parameter that sets its threshold, and whether its axis is logarithmic
 THRESHOLDS: dict[str, tuple[str, bool]] = {"epoch": ("switch.epoch", False), "step": ("switch.step", False),
@@ -170,14 +171,17 @@ def seed_variance_table(table: pd.DataFrame, metric: str | None = None, top: int
     return out
 
 
-def learning_curve_table(table: pd.DataFrame, metrics: Sequence[str] = (Metrics.TRAIN_LOSS, Metrics.TEST_ACCURACY),
+def learning_curve_table(table: pd.DataFrame, metrics: Sequence[str] | None = None,
                          top: int = 4, rank_metric: str | None = None) -> pd.DataFrame:
-    """Per-epoch ``metrics`` of the ``top`` complete variants of each study (ranked by final ``rank_metric``,
-    the objective by default). Columns: study, variant, trial, seed, metric, epochs_completed, value,
-    switch_epoch, phase, rank. Metrics no run logged are left out (``attrs["note"]`` names them)."""
+    """Per-epoch ``metrics`` (default: the training loss and the objective) of the ``top`` complete variants of
+    each study (ranked by final ``rank_metric``, the objective by default). Columns: study, variant, trial, seed,
+    metric, epochs_completed, value, switch_epoch, phase, rank. Metrics no run logged are left out
+    (``attrs["note"]`` names them)."""
     if table.empty:
         return empty(f"no per-epoch metrics in {_studies(table)}")
     rank_metric = rank_metric or objective_of(table)
+    if metrics is None:
+        metrics = list(dict.fromkeys((Metrics.TRAIN_LOSS, objective_of(table))))
     finals = final_values(table, rank_metric)
     if finals.empty:
         return empty(finals.attrs["reason"])
@@ -387,9 +391,30 @@ def best_configurations(trials: pd.DataFrame, optuna_best: Mapping[str, Any] | N
     return pd.DataFrame(rows, columns=columns).sort_values(["workload", "study"]).reset_index(drop=True)
 
 
-#: the comparison table's measured columns: (metric, column name, digits)
-COMPARISON_METRICS = ((Metrics.TEST_ACCURACY, "test accuracy", 4), (Metrics.TRAIN_LOSS, "final train loss", 4),
-                      (Metrics.GRAD_EVALS, "gradient evaluations", 0), (Metrics.WALL_TIME, "train wall time (s)", 1))
+def test_counterpart(metric: str) -> str | None:
+    """``val_accuracy`` -> ``test_accuracy`` (the held-out split's measure of what was selected on); else ``None``."""
+    return TEST_PREFIX + metric.removeprefix(VALIDATION_PREFIX) if metric.startswith(VALIDATION_PREFIX) else None
+
+
+def _label(metric: str) -> str:
+    for prefix, word in ((VALIDATION_PREFIX, "validation"), (TEST_PREFIX, "test")):
+        if metric.startswith(prefix):
+            return f"{word} {metric.removeprefix(prefix).replace('_', ' ')}"
+    return metric.replace("_", " ")
+
+
+def comparison_metrics(objective: str) -> tuple[tuple[str, str, int], ...]:
+    """The comparison table's measured columns, (metric, column name, digits): the objective (a validation
+    metric, what tuning selected on), its test counterpart (what the reruns report), the final training loss,
+    gradient evaluations and training wall time."""
+    measured = [objective, test_counterpart(objective), Metrics.TRAIN_LOSS]
+    columns = [(metric, "final train loss" if metric == Metrics.TRAIN_LOSS else _label(metric), 4)
+               for i, metric in enumerate(measured) if metric is not None and metric not in measured[:i]]
+    return (*columns, (Metrics.GRAD_EVALS, "gradient evaluations", 0), (Metrics.WALL_TIME, "train wall time (s)", 1))
+
+
+#: the comparison table's measured columns for the built-in workloads (objective ``val_accuracy``)
+COMPARISON_METRICS = comparison_metrics(Metrics.VAL_ACCURACY)
 
 
 def comparison_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -406,10 +431,12 @@ def comparison_table(table: pd.DataFrame) -> pd.DataFrame:
         return empty(f"no complete rerun in {_studies(table)}")
     latest = complete.groupby("optimizer")["trial"].transform("max")
     complete = complete[complete["trial"] == latest]
+    objective = objective_of(complete)
+    measured = comparison_metrics(objective)
     rows = []
     for optimizer, part in complete.groupby("optimizer", sort=False):
         row: dict[str, Any] = {"method": optimizer, "variant": part["variant"].iloc[0]}
-        for metric, _, _ in COMPARISON_METRICS:
+        for metric, _, _ in measured:
             finals = final_values(part, metric)
             values = finals["value"].to_numpy(dtype=float) if not finals.empty else np.array([])
             row[f"{metric}.mean"] = float(np.mean(values)) if values.size else np.nan
@@ -425,10 +452,10 @@ def comparison_table(table: pd.DataFrame) -> pd.DataFrame:
         row["switched_seeds"] = int(switched.size)
         rows.append(row)
     out = pd.DataFrame(rows)
-    metric = objective_of(complete)
-    ascending = objective_direction(metric) != MAXIMIZE
-    out = out.sort_values(f"{metric}.mean", ascending=ascending, na_position="last").reset_index(drop=True)
-    out.attrs["objective"] = metric
+    ascending = _direction(complete, objective) != MAXIMIZE
+    out = out.sort_values(f"{objective}.mean", ascending=ascending, na_position="last").reset_index(drop=True)
+    out.attrs["objective"] = objective
+    out.attrs["metrics"] = measured
     return out
 
 
@@ -436,12 +463,13 @@ def comparison_markdown(table: pd.DataFrame) -> str:
     """The comparison table as Markdown: ``mean ± std`` cells, the switch epoch as ``mean (min-max)``."""
     if table.empty:
         return f"_{table.attrs.get('reason', 'no data')}_\n"
-    header = ["method", "seeds"] + [name for _, name, _ in COMPARISON_METRICS] + ["switch epoch", "settings"]
+    measured = table.attrs.get("metrics", COMPARISON_METRICS)
+    header = ["method", "seeds"] + [name for _, name, _ in measured] + ["switch epoch", "settings"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.to_dict("records"):
         diverged = f" ({row['diverged']} diverged)" if row["diverged"] else ""
         cells = [f"`{row['method']}`", f"{row['seeds']}{diverged}"]
-        for metric, _, digits in COMPARISON_METRICS:
+        for metric, _, digits in measured:
             mean, std = row[f"{metric}.mean"], row[f"{metric}.std"]
             cells.append("n/a" if not np.isfinite(mean) else
                          f"{mean:.{digits}f} ± {std:.{digits}f}" if np.isfinite(std) else f"{mean:.{digits}f}")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fuse_tune.errors import UserError
-from fuse_tune.records import REPORT_ARTIFACT_DIR, Metrics, redact
+from fuse_tune.records import REPORT_ARTIFACT_DIR, redact
 
 __all__ = ["main", "parse_assignments"]
 
@@ -79,9 +79,9 @@ def _format_epoch(m: Any) -> str:
     parts = [f"epoch {m.epoch:3d}", f"phase {m.phase:6s}", f"train_loss {m.train_loss:.6g}"]
     if m.gap is not None:
         parts.append(f"gap {m.gap:.3e}")
-    if m.test_accuracy is not None:
-        parts.append(f"test_acc {m.test_accuracy:.4f}")
-        parts.append(f"test_loss {m.test_loss:.4f}")
+    for key, value in (("val_loss", m.val_loss), *sorted(m.scores.items()), ("test_loss", m.test_loss)):
+        if value is not None:
+            parts.append(f"{key} {value:.4f}")
     parts += [f"mean|g|^2 {m.grad_sq_norm:.3e}", f"grad_evals {m.grad_evals}", f"samples {m.samples}",
               f"wall {m.wall_time:.2f}s"]
     if m.switch_epoch is not None:
@@ -98,13 +98,17 @@ def _command_train(args: argparse.Namespace) -> int:
 
     settings = parse_assignments(args.set or [])
     from fuse_tune.trial import split_settings
+    from fuse_tune.workloads import get_workload
 
     try:  # the user's settings meet the real constructors: what they refuse is the user's input, one line
-        trainer_settings, workload_options, optimizer_args = split_settings(args.workload, settings)
+        workload_path = tuple(str(Path(p).resolve()) for p in (args.workload_path or ["."]))
+        workload = get_workload(args.workload, workload_path)
+        trainer_settings, workload_options, optimizer_args = split_settings(workload, settings)
         overrides = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed), ("data_dir", args.data_dir),
                                        ("device", args.device), ("threads", args.threads)) if v is not None}
         config = TrainConfig(workload=args.workload, optimizer=args.optimizer, optimizer_args=optimizer_args,
-                             workload_options=workload_options, **{**trainer_settings, **overrides})
+                             workload_options=workload_options, workload_path=workload_path,
+                             **{**trainer_settings, **overrides})
         if args.download:
             config.download = True
         config.validate()
@@ -133,9 +137,11 @@ def _command_train(args: argparse.Namespace) -> int:
     final = result.final
     print(f"\nsummary: workload={config.workload} optimizer={config.optimizer} seed={config.seed} "
           f"epochs={len(result.history)}")
-    print(f"  final train loss {final.train_loss:.6g}" + (
-        f", test accuracy {final.test_accuracy:.4f}" if final.test_accuracy is not None else "")
-        + (f", gap to f* {final.gap:.3e}" if final.gap is not None else ""))
+    print(f"  final train loss {final.train_loss:.6g}"
+          + (f", validation loss {final.val_loss:.6g}" if final.val_loss is not None else "")
+          + "".join(f", {key} {value:.4f}" for key, value in sorted(final.scores.items()))
+          + (f", test loss {final.test_loss:.6g}" if final.test_loss is not None else "")
+          + (f", gap to f* {final.gap:.3e}" if final.gap is not None else ""))
     print(f"  gradient evaluations {final.grad_evals}, samples {final.samples}, training wall time "
           f"{final.wall_time:.2f} s (evaluation excluded)")
     if final.switch_epoch is not None:
@@ -158,34 +164,17 @@ def _command_train(args: argparse.Namespace) -> int:
 
 def _command_run(args: argparse.Namespace, *, must_exist: bool = False) -> int:
     """``run``/``resume`` with either backend: the study, then :func:`fuse_tune.summary.summary_lines`."""
-    import os
-
-    from fuse_tune.servers import check_cluster_address, check_tracking_server
-    from fuse_tune.tracking import default_tracking_uri
+    from fuse_tune.api import run_study
+    from fuse_tune.summary import summary_lines
 
     if args.backend != "ray" and args.address:
         raise CLIError("--address joins a Ray cluster: use it with --backend ray")
-    tracking = None if args.no_mlflow else (args.mlflow_uri or default_tracking_uri())
-    # Servers first, in seconds: MLflow's client retries a dead tracking server for minutes, Ray a missing cluster
-    # for 90 s and more, and the study's dry run below imports torch.
-    check_tracking_server(tracking)
-    if args.backend == "ray" and (args.address or os.environ.get("RAY_ADDRESS")):
-        check_cluster_address(args.address or os.environ["RAY_ADDRESS"],
-                              "--address" if args.address else "RAY_ADDRESS")
-    from fuse_tune.summary import summary_lines
-    from fuse_tune.trial import load_spec
-
-    spec = load_spec(args.study)  # parse (fuse_tune.spec), then the dry run through the real constructors
-    options = dict(n_trials=args.n_trials, storage=args.storage, tracking_uri=tracking, must_exist=must_exist,
-                   threads=args.threads, device=args.device, progress=not args.quiet)
-    if args.backend == "ray":  # see fuse_tune/ray_backend/
-        from fuse_tune.ray_backend import run_ray_study
-
-        summary = run_ray_study(spec, n_jobs=args.n_jobs, address=args.address, **options)
-    else:
-        from fuse_tune.optuna_backend import run_study
-
-        summary = run_study(spec, n_jobs=1 if args.n_jobs is None else args.n_jobs, **options)
+    result = run_study(args.study, backend=args.backend, n_trials=args.n_trials, n_jobs=args.n_jobs,
+                       storage=args.storage, mlflow_uri=None if args.no_mlflow else (args.mlflow_uri or "default"),
+                       address=args.address, threads=args.threads, device=args.device, data_dir=args.data_dir,
+                       resume_only=must_exist,
+                       progress=not args.quiet)
+    spec, summary = result.spec, result.summary
     print("\n".join(summary_lines(spec, summary)))
     return 0
 
@@ -223,7 +212,13 @@ def _command_report(args: argparse.Namespace) -> int:
 def _command_compare(args: argparse.Namespace) -> int:
     """Tune every method of a comparison file alike, rerun each best on the rerun seeds, print the table."""
     from dashboards.data import read_experiment, tidy
-    from dashboards.tables import comparison_markdown, comparison_table, paired_differences, paired_markdown
+    from dashboards.tables import (
+        comparison_markdown,
+        comparison_table,
+        paired_differences,
+        paired_markdown,
+        test_counterpart,
+    )
     from fuse_tune.compare import run_comparison
     from fuse_tune.servers import check_tracking_server
     from fuse_tune.tracking import default_tracking_uri
@@ -243,9 +238,10 @@ def _command_compare(args: argparse.Namespace) -> int:
         from scipy.stats import t as student_t  # scipy comes with scikit-learn
 
         critical = float(student_t.ppf(0.975, seeds - 1))
-        paired = ("\nPaired by seed, FUSE-PV against each method (final test accuracy; t over "
+        measure = test_counterpart(plans[0].spec.objective.metric) or plans[0].spec.objective.metric
+        paired = (f"\nPaired by seed, FUSE-PV against each method (final {measure}; t over "
                   f"{seeds} seeds, |t| > {critical:.2f} is p < 0.05 two-sided at {seeds - 1} degrees of freedom):"
-                  "\n\n" + paired_markdown(paired_differences(frame, "fuse_pv", Metrics.TEST_ACCURACY)))
+                  "\n\n" + paired_markdown(paired_differences(frame, "fuse_pv", measure)))
     tuned = [f"- `{p.method}`: best of {comparison.tuning['trials']} trials = trial {p.best_trial} "
              f"({p.tuning_value:.6g} on tuning seeds {comparison.tuning['seeds']}); study file {p.study_path}"
              if p.tuned else f"- `{p.method}`: fixed settings, not tuned ({p.study_path})" for p in plans]
@@ -283,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the traceback of bad input too (a bug always shows one)")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="one training run with per-epoch metrics")
-    train.add_argument("--workload", required=True, help="a workload name (see `fuse-tune list`)")
+    train.add_argument("--workload", required=True,
+                       help="a workload name (see `fuse-tune list`) or your own builder, package.module:builder")
+    train.add_argument("--workload-path", action="append", metavar="FOLDER",
+                       help="folder your builder's module is imported from (default: the current folder)")
     train.add_argument("--optimizer", required=True, help="sgd, adam, adam_sgd, lbfgs, fuse_pv or fuse")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="optimizer argument, workload option or trainer setting; dotted keys nest "
@@ -314,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "$RAY_ADDRESS, else a local Ray on this machine's cores)")
         runner.add_argument("--threads", type=int, help="torch threads per worker (default: cores / n-jobs)")
         runner.add_argument("--device", help="auto (default), cpu or cuda[:i]")
+        runner.add_argument("--data-dir", help="the data folder handed to the workload (overrides the file's data_dir)")
         runner.add_argument("--quiet", action="store_true", help="no progress bar")
         runner.set_defaults(handler=_command_run if command == "run" else
                             (lambda a: _command_run(a, must_exist=True)))

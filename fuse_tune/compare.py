@@ -10,7 +10,7 @@ search space::
     workload: digits-logreg
     epochs: 10
     fixed: {batch_size: 64}                      # shared by every method
-    objective: {metric: test_accuracy}
+    objective: {metric: val_accuracy}           # default: val_<the workload's metric>; selection never sees test
     tuning: {trials: 12, seeds: [0, 1], sampler: {name: tpe, seed: 0, n_startup_trials: 6}, pruner: {name: none}}
     rerun: {seeds: [100, 101, ..., 109]}         # disjoint from the tuning seeds
     methods:
@@ -31,7 +31,7 @@ What :func:`run_comparison` does:
    logged as one child run of the MLflow experiment ``<name>``, under a parent run for the comparison.
    A method whose rerun of that same configuration is already complete there is not trained again.
 3. The results table (:func:`dashboards.tables.comparison_table`, read back from MLflow): per method,
-   mean and std over the rerun seeds of the final test accuracy and training loss, gradient
+   mean and std over the rerun seeds of the final test metric and training loss, gradient
    evaluations, training wall time and the switch epoch, with the tuned settings.
 """
 
@@ -52,7 +52,6 @@ from fuse_tune.errors import UserError
 from fuse_tune.optimizers import OPTIMIZERS
 from fuse_tune.records import (
     STATE_COMPLETE,
-    Metrics,
     StudyParams,
     Tags,
     flatten_params,
@@ -65,6 +64,7 @@ from fuse_tune.spec import (
     _fail,
     _flatten,
     _is_int,
+    _workload_path,
     mapping,
     nest,
     parse_spec,
@@ -76,7 +76,8 @@ from fuse_tune.tracking import MlflowTracker, fail_trial_run
 
 __all__ = ["Comparison", "MethodPlan", "load_comparison", "method_study", "run_comparison", "ROLE_TAG"]
 
-TOP_LEVEL = ("name", "description", "workload", "epochs", "data_dir", "fixed", "objective", "tuning", "rerun",
+TOP_LEVEL = ("name", "description", "workload", "workload_path", "epochs", "data_dir", "fixed", "objective", "tuning",
+             "rerun",
              "methods")
 TUNING_KEYS = ("trials", "seeds", "sampler", "pruner")
 METHOD_KEYS = ("fixed", "search")
@@ -98,6 +99,7 @@ class Comparison:
     description: str = ""
     data_dir: str | None = None
     path: str | None = None
+    workload_path: tuple[str, ...] = ()
 
 
 @dataclass
@@ -167,12 +169,12 @@ def parse_comparison(raw: Any, *, path: str | None = None) -> Comparison:
         raise _fail("description", f"expected text, got {description!r}")
     sampler = _mapping(tuning.get("sampler"), "tuning.sampler") or {"name": "tpe", "seed": 0}
     return Comparison(name=raw["name"], workload=raw["workload"], epochs=epochs, fixed=fixed,
-                      objective=_mapping(raw.get("objective"), "objective") or {"metric": Metrics.TEST_ACCURACY},
+                      objective=_mapping(raw.get("objective"), "objective"),
                       tuning={"trials": trials, "seeds": list(tuning_seeds),
                               "sampler": sampler,
                               "pruner": _mapping(tuning.get("pruner"), "tuning.pruner") or {"name": "none"}},
                       rerun_seeds=rerun_seeds, methods=methods, description=description, data_dir=data_dir,
-                      path=path)
+                      path=path, workload_path=_workload_path(raw.get("workload_path"), path))
 
 
 def method_study(comparison: Comparison, method: str) -> dict[str, Any]:
@@ -183,6 +185,7 @@ def method_study(comparison: Comparison, method: str) -> dict[str, Any]:
         "name": f"{comparison.name}-{method}",
         "description": f"{method} on {comparison.workload}: tuning for the comparison {comparison.name}",
         "workload": comparison.workload, "optimizer": method, "epochs": comparison.epochs,
+        "workload_path": list(comparison.workload_path),  # the comparison file's folders, not the written study's
         "seeds": list(comparison.tuning["seeds"]), "fixed": fixed, "objective": dict(comparison.objective),
         "budget": {"trials": comparison.tuning["trials"]}, "sampler": dict(comparison.tuning["sampler"]),
         "pruner": dict(comparison.tuning["pruner"]),
@@ -232,7 +235,7 @@ def load_comparison(path: str | Path, out_dir: str | Path, *, data_dir: str | No
                 spec = parse_spec(method_study(comparison, method), path=str(study_path), require_search=False)
             from fuse_tune.trial import check_spec  # the dry run, after parsing (torch is imported here)
 
-            check_spec(spec)
+            spec = check_spec(spec)  # with its objective resolved against the workload
         except SpecError as exc:
             message = str(exc).removeprefix(f"{study_path}: ")
             where = message.split(":", 1)[0]
@@ -302,7 +305,7 @@ def _rerun(comparison: Comparison, plan: MethodPlan, index: int, parent_run_id: 
         tags.update({Tags.TUNING_BEST_TRIAL: plan.best_trial, Tags.TUNING_VALUE: plan.tuning_value})
     run = tracker.start_trial(parent_run_id, f"{comparison.name}-{plan.method}", spec.fixed, tags)
     try:
-        outcome = run_trial(spec, {}, run=run, threads=threads, device=device)
+        outcome = run_trial(spec, {}, run=run, threads=threads, device=device, evaluate_test=True)
     except BaseException as exc:
         fail_trial_run(run, exc)
         raise
@@ -328,7 +331,8 @@ def run_comparison(path: str | Path, *, out_dir: str | Path, n_jobs: int = 1, st
     tracker = MlflowTracker(tracking_uri, experiment=comparison.name)
     params = {StudyParams.WORKLOAD: comparison.workload, StudyParams.EPOCHS: comparison.epochs,
               StudyParams.SEEDS: ",".join(map(str, comparison.rerun_seeds)),
-              StudyParams.OBJECTIVE: comparison.objective.get("metric", Metrics.TEST_ACCURACY),
+              StudyParams.OBJECTIVE: plans[0].spec.objective.metric,
+              StudyParams.OBJECTIVE_DIRECTION: plans[0].spec.objective.direction,
               StudyParams.METHODS: ",".join(comparison.methods), StudyParams.TRIALS: comparison.tuning["trials"],
               StudyParams.TUNING_SEEDS: ",".join(map(str, comparison.tuning["seeds"])),
               StudyParams.SAMPLER: comparison.tuning["sampler"].get("name", "tpe"), StudyParams.FIXED: comparison.fixed}

@@ -40,12 +40,12 @@ from fuse_tune.optuna_adapter import (
     trial_seeded,
 )
 from fuse_tune.records import STATE_FAILED, STATE_PRUNED, OptunaAttrs, redact
-from fuse_tune.spec import SpecError, StudySpec, read_spec
+from fuse_tune.spec import SpecError, StudySpec
 from fuse_tune.storage import DEFAULT_JOURNAL, open_storage, resolve_storage_url
 from fuse_tune.storage import import_optuna as _optuna
 from fuse_tune.summary import StudySummaryBase, TrialRow
 from fuse_tune.tracking import MlflowTracker, NullTracker, default_tracking_uri, end_trial_run, fail_trial_run, versions
-from fuse_tune.trial import TrialOutcome, log_outcome, run_trial, start_study_run, suggest, trial_tags
+from fuse_tune.trial import TrialOutcome, log_outcome, resolved, run_trial, start_study_run, suggest, trial_tags
 
 __all__ = ["StudyMismatch", "open_storage", "resolve_storage_url", "prepare_study", "run_study", "StudySummary",
            "DEFAULT_JOURNAL"]
@@ -98,6 +98,7 @@ def make_pruner(spec: StudySpec) -> Any:
 
 def prepare_study(spec: StudySpec, storage_url: str, *, must_exist: bool = False) -> Any:
     """Create the study, or load it after checking it was made from the same search space."""
+    spec = resolved(spec)
     optuna = _optuna()
     storage = open_storage(storage_url)
     try:
@@ -236,7 +237,7 @@ def _quiet_surplus_logs() -> None:
 
 @dataclass
 class WorkerConfig:
-    spec_path: str
+    spec: StudySpec
     storage_url: str
     tracking_uri: str | None
     parent_run_id: str | None
@@ -305,7 +306,7 @@ def work(config: WorkerConfig, on_trial: Callable[[], None] | None = None) -> in
     """One worker: run trials until the study has ``n_trials`` finished ones (or the timeout)."""
     optuna = _optuna()
     _quiet_surplus_logs()
-    spec = read_spec(config.spec_path)  # checked by the driver before any worker started
+    spec = config.spec  # checked, its objective resolved, by the driver before any worker started
     storage = open_storage(config.storage_url)
     study = optuna.load_study(study_name=spec.name, storage=storage,
                               sampler=make_sampler(spec, config.worker_index), pruner=make_pruner(spec))
@@ -394,6 +395,7 @@ def run_study(spec: StudySpec, *, n_trials: int | None = None, n_jobs: int = 1, 
               tracking_uri: str | None = "default", must_exist: bool = False, threads: int | None = None,
               device: str | None = None, progress: bool = True) -> StudySummary:
     """Run (or resume) a study to ``n_trials`` finished trials with ``n_jobs`` worker processes."""
+    spec = resolved(spec)
     if n_jobs < 1:
         raise UserError(f"--n-jobs must be >= 1, got {n_jobs}")
     n_trials = n_trials if n_trials is not None else spec.trials
@@ -411,7 +413,7 @@ def run_study(spec: StudySpec, *, n_trials: int | None = None, n_jobs: int = 1, 
     parent_run_id = start_study_run(spec, tracking_uri, n_trials, "optuna", storage_url)
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // n_jobs)
-    base = WorkerConfig(spec_path=spec.path, storage_url=storage_url, tracking_uri=tracking_uri,
+    base = WorkerConfig(spec=spec, storage_url=storage_url, tracking_uri=tracking_uri,
                         parent_run_id=parent_run_id, n_trials=n_trials, timeout=spec.timeout, worker_index=0,
                         threads=threads, device=device)
     from tqdm import tqdm

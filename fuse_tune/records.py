@@ -183,8 +183,11 @@ class StudyParams:
     EPOCHS = "epochs"
     #: the training seeds, comma-separated (a comparison: its rerun seeds)
     SEEDS = "seeds"
-    #: the objective metric's name (:data:`OBJECTIVE_METRICS`); its direction is :func:`direction`
+    #: the objective metric's name (:data:`OBJECTIVE_METRICS` or ``val_<the workload's metric>``)
     OBJECTIVE = "objective"
+    #: the objective's direction (``maximize``/``minimize``: the workload's metric's, which :func:`direction` can
+    #: only guess from the name)
+    OBJECTIVE_DIRECTION = "objective_direction"
     #: the sampler's name (``tpe``, ``random``, ...)
     SAMPLER = "sampler"
     #: the pruner's name (``median``, ``none``, ...)
@@ -229,9 +232,13 @@ class Metrics:
     TRAIN_LOSS = "train_loss"
     #: the mean minibatch loss over the epoch's steps; minimize
     BATCH_LOSS = "batch_loss"
-    #: the loss on the test set at the end of the epoch (data sets only); minimize
+    #: the objective (loss plus penalty) on the validation split at the end of the epoch (data sets only); minimize
+    VAL_LOSS = "val_loss"
+    #: the fraction of the validation split classified right (workloads whose metric is accuracy); maximize
+    VAL_ACCURACY = "val_accuracy"
+    #: the objective on the test split (``fuse-tune train`` and compare's reruns; never a study's trials); minimize
     TEST_LOSS = "test_loss"
-    #: the fraction of the test set classified right at the end of the epoch, in [0, 1] (data sets only); maximize
+    #: the fraction of the test split classified right (as ``test_loss``: never measured in a study's trials)
     TEST_ACCURACY = "test_accuracy"
     #: the mean over the epoch's steps of the squared minibatch gradient norm ``||g(x_k; B_k)||^2``
     GRAD_SQ_NORM = "grad_sq_norm"
@@ -257,16 +264,22 @@ class Metrics:
     SWITCH_EPOCH_MEAN = "switch_epoch.mean"
 
 
-#: the per-epoch metrics logged per seed (``gap`` on test functions only, ``test_*`` on data sets only,
-#: ``switch_epoch`` from the epoch the switch happened in on)
-PER_SEED_METRICS = (Metrics.TRAIN_LOSS, Metrics.BATCH_LOSS, Metrics.TEST_LOSS, Metrics.TEST_ACCURACY,
+#: the per-epoch metrics logged per seed (``gap`` on test functions only, ``val_loss``/``test_loss`` on data sets
+#: only, ``switch_epoch`` from the epoch the switch happened in on); the workload's metric on each split
+#: evaluated (``val_accuracy``, ``test_mse``, ...) is logged beside them
+PER_SEED_METRICS = (Metrics.TRAIN_LOSS, Metrics.BATCH_LOSS, Metrics.VAL_LOSS, Metrics.TEST_LOSS,
                     Metrics.GRAD_SQ_NORM, Metrics.WALL_TIME, Metrics.GRAD_EVALS, Metrics.SAMPLES, Metrics.BATCH_SIZE,
                     Metrics.GAP, Metrics.PHASE_SECOND, Metrics.SWITCH_EPOCH)
-#: the per-epoch means over seeds logged under the plain metric names when a trial completes
-EPOCH_MEAN_METRICS = (Metrics.TRAIN_LOSS, Metrics.TEST_ACCURACY, Metrics.TEST_LOSS, Metrics.GRAD_SQ_NORM,
+#: the per-epoch means over seeds logged under the plain metric names when a trial completes (with the
+#: workload's metric on each split evaluated)
+EPOCH_MEAN_METRICS = (Metrics.TRAIN_LOSS, Metrics.VAL_LOSS, Metrics.TEST_LOSS, Metrics.GRAD_SQ_NORM,
                       Metrics.WALL_TIME, Metrics.GRAD_EVALS)
-#: the metrics a study may optimize (``objective.metric`` of a study file)
-OBJECTIVE_METRICS = (Metrics.TEST_ACCURACY, Metrics.TRAIN_LOSS, Metrics.TIME_TO_TARGET)
+#: the metrics a study may optimize besides ``val_<metric>`` of the workload's metric (``objective.metric``)
+OBJECTIVE_METRICS = (Metrics.VAL_LOSS, Metrics.TRAIN_LOSS, Metrics.TIME_TO_TARGET)
+#: the prefix of the split selection happens on: a study's objective is ``val_loss`` or ``val_<metric>``
+VALIDATION_PREFIX = "val_"
+#: the prefix of the held-out split: reported, never selected on
+TEST_PREFIX = "test_"
 #: the costs a study may minimize as a second objective (``objective.cost``)
 COST_METRICS = (Metrics.GRAD_EVALS, Metrics.WALL_TIME)
 
@@ -307,15 +320,23 @@ MAXIMIZE = "maximize"
 #: a smaller value is better
 MINIMIZE = "minimize"
 #: the direction of each objective and cost metric (others: :func:`direction`)
-DIRECTIONS = {Metrics.TEST_ACCURACY: MAXIMIZE, Metrics.TRAIN_LOSS: MINIMIZE, Metrics.TIME_TO_TARGET: MINIMIZE,
+DIRECTIONS = {Metrics.VAL_ACCURACY: MAXIMIZE, Metrics.TEST_ACCURACY: MAXIMIZE, Metrics.TRAIN_LOSS: MINIMIZE,
+              Metrics.VAL_LOSS: MINIMIZE, Metrics.TEST_LOSS: MINIMIZE, Metrics.TIME_TO_TARGET: MINIMIZE,
               Metrics.GRAD_EVALS: MINIMIZE, Metrics.WALL_TIME: MINIMIZE}
 
 
+#: words in a metric's name that mark a larger-is-better score (a user's ``val_r2``, ``test_f1``, ...)
+_SCORE_WORDS = ("accuracy", "r2", "auc", "f1", "precision", "recall", "score")
+
+
 def direction(metric: str | None) -> str:
-    """:data:`MAXIMIZE` for accuracies, :data:`MINIMIZE` for losses, gaps, times and counts (and for ``None``)."""
+    """:data:`MAXIMIZE` for accuracies and other scores (:data:`_SCORE_WORDS`), :data:`MINIMIZE` for losses, errors,
+    gaps, times and counts (and for ``None``). A study records its objective's true direction too
+    (:attr:`StudyParams.OBJECTIVE_DIRECTION`)."""
     if metric in DIRECTIONS:
         return DIRECTIONS[metric]
-    return MAXIMIZE if metric and "accuracy" in metric else MINIMIZE
+    words = (metric or "").lower().replace(".", "_").split("_")
+    return MAXIMIZE if any(word in _SCORE_WORDS for word in words) else MINIMIZE
 
 
 # ------------------------------------------------------------------ phases and the switch

@@ -3,7 +3,9 @@
 A study file says what to tune and how::
 
     name: quickstart                     # study name (storage key, MLflow parent run name)
-    workload: digits-logreg              # fuse-tune list
+    workload: digits-logreg              # fuse-tune list, or your own: package.module:builder
+    workload_path: [.]                   # folders your builder's module is imported from (relative to this
+                                         # file; default: this file's folder)
     optimizer: fuse_pv                   # sgd | adam | adam_sgd | lbfgs | fuse_pv | fuse
     epochs: 8
     seeds: [0, 1]                        # every configuration runs on each of these (paired seeds)
@@ -15,7 +17,8 @@ A study file says what to tune and how::
       switch.epoch: {type: int, low: 1, high: 6, when: {switch.criterion: epoch}}
       switch.zeta: {type: float, low: 1.0e-4, high: 1.0, log: true, when: {switch.criterion: grad_norm}}
       history_size: {type: int, low: 3, high: 20}
-    objective: {metric: test_accuracy}   # test_accuracy | train_loss | time_to_target (+ target_loss)
+    objective: {metric: val_accuracy}    # val_<metric> | val_loss | train_loss | time_to_target (+ target_loss);
+                                         # default: val_<the workload's metric> (val_loss without one)
                                          # optional cost: grad_evals | wall_time (second objective)
     budget: {trials: 12, timeout: null}  # timeout in seconds
     sampler: {name: tpe, seed: 0}        # tpe | random | qmc | cmaes | grid
@@ -53,17 +56,25 @@ from typing import Any
 import yaml
 
 from fuse_tune.errors import UserError
-from fuse_tune.records import COST_METRICS, MINIMIZE, OBJECTIVE_METRICS, Metrics, direction
+from fuse_tune.records import (
+    COST_METRICS,
+    DIRECTIONS,
+    MINIMIZE,
+    OBJECTIVE_METRICS,
+    TEST_PREFIX,
+    VALIDATION_PREFIX,
+    Metrics,
+)
 
 __all__ = ["SpecError", "Param", "Objective", "StudySpec", "read_spec", "parse_spec", "read_yaml", "mapping",
            "seed_list", "nest", "OBJECTIVES"]
 
-OBJECTIVES = {metric: direction(metric) for metric in OBJECTIVE_METRICS}  # objective metric -> its direction
+OBJECTIVES = {metric: DIRECTIONS[metric] for metric in OBJECTIVE_METRICS}  # fixed objective metric -> direction
 COSTS = COST_METRICS
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "grid")
 PRUNERS = ("median", "percentile", "hyperband", "none")
 TOP_LEVEL = ("name", "description", "workload", "optimizer", "epochs", "seeds", "fixed", "search", "objective",
-             "budget", "sampler", "pruner", "storage", "resources", "data_dir")
+             "budget", "sampler", "pruner", "storage", "resources", "data_dir", "workload_path")
 
 
 class SpecError(UserError):
@@ -108,13 +119,14 @@ class Param:
 
 @dataclass(frozen=True)
 class Objective:
-    metric: str = Metrics.TEST_ACCURACY
+    """What a study optimizes. ``metric`` and ``direction`` are ``None`` until the workload is known: the default
+    metric is ``val_<the workload's metric>`` (``val_loss`` without one; ``train_loss`` on a test function), and
+    the direction of ``val_<metric>`` is the metric's (:func:`fuse_tune.trial.resolve_spec` fills both in)."""
+
+    metric: str | None = None
     target_loss: float | None = None
     cost: str | None = None
-
-    @property
-    def direction(self) -> str:
-        return OBJECTIVES[self.metric]
+    direction: str | None = None
 
     @property
     def directions(self) -> list[str]:
@@ -143,6 +155,7 @@ class StudySpec:
     data_dir: str | None = None
     source: str = ""  # the YAML text, logged as an artifact
     path: str | None = None
+    workload_path: tuple[str, ...] = ()  # absolute folders a workload's module is imported from
 
     def fingerprint(self) -> str:
         """Hash of what defines the search (not the budget): resuming a study requires it to match."""
@@ -363,9 +376,8 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None, require_s
         raise _fail(f"search.{clash[0]}", "is also in 'fixed'; give it in one place")
 
     objective_raw = mapping(raw.get("objective"), "objective", {"metric", "target_loss", "cost"})
-    metric = objective_raw.get("metric", Metrics.TEST_ACCURACY)
-    if metric not in OBJECTIVES:
-        raise _fail("objective.metric", f"expected one of {sorted(OBJECTIVES)}, got {metric!r}")
+    metric = objective_raw.get("metric")
+    _check_objective_metric(metric)
     target = objective_raw.get("target_loss")
     if target is not None:
         target = _number(target, "objective.target_loss")
@@ -374,7 +386,7 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None, require_s
     cost = objective_raw.get("cost")
     if cost is not None and cost not in COSTS:
         raise _fail("objective.cost", f"expected one of {list(COSTS)} or null, got {cost!r}")
-    objective = Objective(metric, target, cost)
+    objective = Objective(metric, target, cost, OBJECTIVES.get(metric))
 
     budget = mapping(raw.get("budget"), "budget", {"trials", "timeout"})
     trials = budget.get("trials", 20)
@@ -429,11 +441,39 @@ def parse_spec(raw: Any, *, source: str = "", path: str | None = None, require_s
     if data_dir is not None and not isinstance(data_dir, str):
         raise _fail("data_dir", f"expected a folder path, got {data_dir!r}")
     return StudySpec(
+        workload_path=_workload_path(raw.get("workload_path"), path),
         name=name, workload=raw["workload"], optimizer=raw["optimizer"], epochs=epochs, seeds=seeds,
         fixed=fixed, search=search, objective=objective, trials=trials, timeout=timeout, sampler=sampler,
         pruner=pruner, storage=storage, description=description, resources=resources, data_dir=data_dir,
         source=source, path=path,
     )
+
+
+def _check_objective_metric(metric: Any) -> None:
+    """``val_loss``, ``train_loss``, ``time_to_target`` or ``val_<metric>``; a test metric is refused: selecting on
+    the test split makes the numbers it reports optimistic."""
+    if metric is None or metric in OBJECTIVES:
+        return
+    if isinstance(metric, str) and metric.startswith(TEST_PREFIX):
+        raise _fail("objective.metric", f"{metric!r} would select on the test split; use "
+                                        f"{VALIDATION_PREFIX + metric.removeprefix(TEST_PREFIX)!r} (test metrics are "
+                                        f"reported by fuse-tune compare's reruns and fuse-tune train)")
+    if not (isinstance(metric, str) and metric.startswith(VALIDATION_PREFIX)
+            and metric.removeprefix(VALIDATION_PREFIX).isidentifier()):
+        raise _fail("objective.metric", f"expected one of {sorted(OBJECTIVES)} or val_<the workload's metric> "
+                                        f"(val_accuracy, val_mse, ...), got {metric!r}")
+
+
+def _workload_path(raw: Any, path: str | None) -> tuple[str, ...]:
+    """The folders a ``package.module:builder`` workload is imported from: ``workload_path`` entries relative to
+    the study file's folder, which comes first by default (the current folder for a study given as a dict)."""
+    base = Path(path).resolve().parent if path else Path.cwd()
+    if raw is None:
+        return (str(base),)
+    entries = [raw] if isinstance(raw, str) else raw
+    if not isinstance(entries, list) or not all(isinstance(e, str) and e.strip() for e in entries):
+        raise _fail("workload_path", f"expected a folder or a list of folders, got {raw!r}")
+    return tuple(str((base / entry).resolve()) for entry in entries)
 
 
 def read_yaml(path: Path, kind: str = "study") -> tuple[str, Any]:

@@ -22,6 +22,7 @@ import torch
 
 from fuse_tune.optimizers import build_optimizer, optimizer_phase
 from fuse_tune.workloads import build_function, build_supervised, get_workload
+from fuse_tune.workloads.interface import Data, Metric, Problem, check_loss_value, split_size
 
 __all__ = ["TrainConfig", "EpochMetrics", "TrainResult", "Trainer", "train", "resolve_device", "TRAINER_KEYS"]
 
@@ -31,7 +32,8 @@ class TrainConfig:
     """Settings of one training run (everything except the optimizer's own arguments).
 
     Attributes:
-        workload: a registered workload name (``fuse-tune list``).
+        workload: a registered workload name (``fuse-tune list``) or a user's builder, ``package.module:builder``.
+        workload_path: folders the builder's module is imported from first (e.g. the study file's folder).
         optimizer: a registered optimizer name.
         optimizer_args: keyword arguments of the optimizer.
         workload_options: options of the workload (e.g. ``l2``, ``hidden_sizes``, ``noise``).
@@ -48,6 +50,9 @@ class TrainConfig:
         eval_batch_size: samples per forward pass during evaluation.
         target_loss: when set, the wall time and gradient evaluations at which the full training
             loss first fell to this value are reported.
+        evaluate_test: evaluate the test split after each epoch too (a study's trials select on the
+            validation split and leave the test split alone: ``False``).
+        num_workers: DataLoader worker processes for workloads whose data is a ``Dataset`` (0: in process).
     """
 
     workload: str = "digits-logreg"
@@ -65,6 +70,9 @@ class TrainConfig:
     download: bool = False
     eval_batch_size: int = 4096
     target_loss: float | None = None
+    evaluate_test: bool = True
+    num_workers: int = 0
+    workload_path: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _positive_int(self.epochs, "epochs")
@@ -77,13 +85,15 @@ class TrainConfig:
             _positive_int(self.threads, "threads")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
         resolve_device(self.device)
-        get_workload(self.workload)
+        get_workload(self.workload, self.workload_path)
 
 
 #: TrainConfig fields that ``--set key=value`` may change
 TRAINER_KEYS = tuple(f.name for f in fields(TrainConfig)
-                     if f.name not in ("workload", "optimizer", "optimizer_args", "workload_options"))
+                     if f.name not in ("workload", "optimizer", "optimizer_args", "workload_options", "workload_path"))
 
 
 def _positive_int(value: Any, name: str) -> None:
@@ -109,7 +119,11 @@ class EpochMetrics:
     """What one epoch measured. Cumulative counts and times run from the start of training.
 
     ``train_loss`` is the full training objective at the end of the epoch (for test functions:
-    f(x)); ``batch_loss`` the mean minibatch loss over the epoch's steps; ``grad_sq_norm`` the mean
+    f(x)); ``val_loss`` and ``test_loss`` the same objective (loss plus penalty) on the validation and
+    test splits (``None`` on test functions, and ``test_loss`` when the test split is not evaluated);
+    ``scores`` the workload's metric on those splits, keyed ``val_<metric>`` and ``test_<metric>``
+    (``{"val_accuracy": ..., "test_accuracy": ...}``); ``batch_loss`` the mean minibatch loss over the
+    epoch's steps; ``grad_sq_norm`` the mean
     of ``||g(x_k; B_k)||^2`` over the epoch's steps (paper Eq. 3's quantity); ``wall_time`` the
     seconds spent training (evaluation excluded); ``phase`` the optimizer's phase at the last step
     of the epoch (an epoch-criterion switch decided at the end of epoch e shows from epoch e + 1).
@@ -118,8 +132,8 @@ class EpochMetrics:
     epoch: int
     train_loss: float
     batch_loss: float
+    val_loss: float | None
     test_loss: float | None
-    test_accuracy: float | None
     grad_sq_norm: float
     phase: str
     switch_epoch: int | None
@@ -132,9 +146,19 @@ class EpochMetrics:
     steps: int
     batch_size: int
     gap: float | None = None
+    scores: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def value(self, key: str) -> float | None:
+        """A field (``train_loss``) or a score (``val_accuracy``) by name; ``None`` when not measured."""
+        if key in self.scores:
+            return self.scores[key]
+        return getattr(self, key) if key in _EPOCH_FIELDS and key != "scores" else None
+
+
+_EPOCH_FIELDS = frozenset(f.name for f in fields(EpochMetrics))
 
 
 @dataclass
@@ -194,7 +218,7 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.config = config
         self.device = resolve_device(config.device)
-        self.kind = get_workload(config.workload).kind
+        self.kind = get_workload(config.workload, config.workload_path).kind
         self.function = None
         if self.kind == "function":
             options = dict(config.workload_options)
@@ -204,14 +228,15 @@ class Trainer:
                                  "['dim', 'noise', 'start']")
             self.function = build_function(config.workload, seed=config.seed, device=self.device, **options)
             self.model: torch.nn.Module = self.function.module
-            self.data = None
-            self.loss_fn = None
+            self.problem: Problem | None = None
             self.n_train = 0
         else:
             instance = build_supervised(config.workload, data_dir=config.data_dir, download=config.download,
-                                        seed=config.seed, device=self.device, **config.workload_options)
-            self.model, self.data, self.loss_fn = instance.model, instance.data, instance.loss_fn
-            self.n_train = int(self.data.train_x.shape[0])
+                                        seed=config.seed, device=self.device, search_path=config.workload_path,
+                                        **config.workload_options)
+            self.model, self.problem = instance.model, instance.problem
+            self.workload_name = instance.workload.name
+            self.n_train = split_size(self.problem.train)
             for name in ("batch_size", "batch_size_after_switch"):
                 size = getattr(config, name)
                 if size is not None and size > self.n_train:
@@ -223,6 +248,7 @@ class Trainer:
         self.result = TrainResult(config, [])
         self.wall = 0.0
         self.steps = 0
+        self._loss_checked = False
 
     @property
     def epoch(self) -> int:
@@ -257,17 +283,17 @@ class Trainer:
         if self.kind == "function":
             with torch.no_grad():
                 value = float(self.model())
-            train_loss, test_loss, accuracy, gap = value, None, None, value - self.function.f_star
+            train_loss, val_loss, test_loss, scores = value, None, None, {}
+            gap = value - self.function.f_star
         else:
-            train_loss, test_loss, accuracy = _evaluate_supervised(self.model, self.data, self.loss_fn,
-                                                                   self.config.eval_batch_size)
+            train_loss, val_loss, test_loss, scores = self._evaluate()
             gap = None
         metrics = EpochMetrics(
             epoch=self.epoch, train_loss=train_loss, batch_loss=float(torch.stack(losses).mean()),
-            test_loss=test_loss, test_accuracy=accuracy, grad_sq_norm=float(torch.stack(grad_sq).mean()),
+            val_loss=val_loss, test_loss=test_loss, grad_sq_norm=float(torch.stack(grad_sq).mean()),
             phase=phase, switch_epoch=switch_epoch, switch_step=switch_step, switch_reason=reason,
             wall_time=self.wall, grad_evals=self.counter.closure_calls, closure_calls=self.counter.closure_calls,
-            samples=self.counter.samples, steps=self.steps, batch_size=batch_size, gap=gap,
+            samples=self.counter.samples, steps=self.steps, batch_size=batch_size, gap=gap, scores=scores,
         )
         result = self.result
         result.history.append(metrics)
@@ -279,24 +305,63 @@ class Trainer:
         return metrics
 
     def _supervised_epoch(self, record: Callable[[torch.Tensor], None]) -> None:
-        model, data, loss_fn, optimizer = self.model, self.data, self.loss_fn, self.optimizer
-        model.train()
-        perm = torch.randperm(self.n_train, generator=self.generator).to(self.device)
+        """One pass over the training split in a seeded order; the batch size is the current phase's.
+
+        In-memory tensors are sliced directly. A Dataset is read through a DataLoader over the same index
+        order; when the batch size changes mid-epoch (the switch) the loader is rebuilt from the next unread
+        index, so no batch of the old size is drawn after the switch, however far the workers read ahead."""
+        perm = torch.randperm(self.n_train, generator=self.generator)
+        self.model.train()
         cursor = 0
+        train = self.problem.train
         while cursor < self.n_train:
-            size = _batch_size(self.config, optimizer)
-            idx = perm[cursor:cursor + size]
-            cursor += size
-            xb, yb = data.train_x[idx], data.train_y[idx]
+            size = _batch_size(self.config, self.optimizer)
+            if isinstance(train, tuple):
+                idx = perm[cursor:cursor + size].to(self.device)
+                self._step(train[0][idx], train[1][idx], record)
+                cursor += int(idx.numel())
+                continue
+            for inputs, targets in _loader(train, perm[cursor:], size, self.config.num_workers, self.device):
+                self._step(_move(inputs, self.device), _move(targets, self.device), record)
+                cursor += len(targets)
+                if _batch_size(self.config, self.optimizer) != size:
+                    break
 
-            def closure(xb: torch.Tensor = xb, yb: torch.Tensor = yb) -> torch.Tensor:
-                optimizer.zero_grad(set_to_none=False)
-                loss = loss_fn(model, xb, yb)
-                loss.backward()
-                return loss
+    def _step(self, inputs: torch.Tensor, targets: torch.Tensor, record: Callable[[torch.Tensor], None]) -> None:
+        """One optimizer step whose closure evaluates the objective on this minibatch (every call the same)."""
+        model, problem, optimizer = self.model, self.problem, self.optimizer
 
-            optimizer.step(self.counter.wrap(closure, int(idx.numel()), record))
-            self.steps += 1
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad(set_to_none=False)
+            loss = problem.objective(model, inputs, targets)
+            if not self._loss_checked:
+                check_loss_value(loss, self.workload_name)
+                self._loss_checked = True
+            loss.backward()
+            return loss
+
+        optimizer.step(self.counter.wrap(closure, int(targets.shape[0]), record))
+        self.steps += 1
+
+    def _evaluate(self) -> tuple[float, float, float | None, dict[str, float]]:
+        """Training objective, validation and test objective, and the metric on validation and test (untimed)."""
+        problem, chunk = self.problem, self.config.eval_batch_size
+        self.model.eval()
+        penalty = float(problem.penalty(self.model)) if problem.penalty is not None else 0.0
+        train_loss, _ = _mean_loss_and_metric(self.model, problem.train, problem.loss, None, chunk, self.device)
+        val_loss, val_score = _mean_loss_and_metric(self.model, problem.validation, problem.loss, problem.metric,
+                                                    chunk, self.device)
+        scores: dict[str, float] = {}
+        test_loss = None
+        if problem.metric is not None:
+            scores[f"val_{problem.metric.name}"] = val_score
+        if self.config.evaluate_test and problem.test is not None:
+            test_loss, test_score = _mean_loss_and_metric(self.model, problem.test, problem.loss, problem.metric,
+                                                          chunk, self.device)
+            test_loss += penalty
+            if problem.metric is not None:
+                scores[f"test_{problem.metric.name}"] = test_score
+        return train_loss + penalty, val_loss + penalty, test_loss, scores
 
     def _function_epoch(self, record: Callable[[torch.Tensor], None]) -> None:
         module, optimizer, instance = self.model, self.optimizer, self.function
@@ -394,24 +459,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _loader(data: Data, order: torch.Tensor, batch_size: int, num_workers: int, device: torch.device) -> Any:
+    """A DataLoader over ``data`` reading ``order`` in batches of ``batch_size`` (pinned memory on CUDA)."""
+    from torch.utils.data import DataLoader
+
+    batches = [chunk.tolist() for chunk in order.split(batch_size)]
+    return DataLoader(data, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda",
+                      persistent_workers=False)
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    return batch.to(device, non_blocking=True) if isinstance(batch, torch.Tensor) else batch
+
+
+def _batches(data: Data, chunk: int, device: torch.device) -> Any:
+    """``(inputs, targets)`` chunks of a split, in order: tensor slices or DataLoader batches."""
+    if isinstance(data, tuple):
+        inputs, targets = data
+        for start in range(0, inputs.shape[0], chunk):
+            yield inputs[start:start + chunk], targets[start:start + chunk]
+        return
+    order = torch.arange(len(data))
+    for inputs, targets in _loader(data, order, chunk, 0, device):
+        yield _move(inputs, device), _move(targets, device)
+
+
 @torch.no_grad()
-def _evaluate_supervised(model: torch.nn.Module, data: Any, loss_fn: Any, chunk: int) -> tuple[float, float, float]:
-    """Full training objective, test loss (with the same penalty) and test accuracy."""
-    model.eval()
-
-    def mean_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-        total, correct = 0.0, 0
-        for i in range(0, x.shape[0], chunk):
-            logits = model(x[i:i + chunk])
-            total += float(loss_fn.data_loss(logits, y[i:i + chunk])) * logits.shape[0]
-            correct += int((logits.argmax(1) == y[i:i + chunk]).sum())
-        return total / x.shape[0], correct
-
-    penalty = float(loss_fn.penalty(model))
-    train_loss, _ = mean_loss(data.train_x, data.train_y)
-    test_loss, correct = mean_loss(data.test_x, data.test_y)
-    return train_loss + penalty, test_loss + penalty, correct / data.test_x.shape[0]
-
+def _mean_loss_and_metric(model: torch.nn.Module, data: Data, loss: Callable[..., torch.Tensor],
+                          metric: Metric | None, chunk: int, device: torch.device) -> tuple[float, float]:
+    """``(sum_c n_c loss_c / N, sum_c n_c metric_c / N)`` over chunks ``c`` of ``n_c`` samples (both batch means)."""
+    total_loss, total_metric, count = 0.0, 0.0, 0
+    for inputs, targets in _batches(data, chunk, device):
+        outputs = model(inputs)
+        n = int(targets.shape[0])
+        total_loss += float(loss(outputs, targets)) * n
+        if metric is not None:
+            total_metric += float(metric.fn(outputs, targets)) * n
+        count += n
+    return total_loss / count, (total_metric / count if metric is not None else math.nan)
 
 
 def config_from_mapping(values: Mapping[str, Any]) -> TrainConfig:

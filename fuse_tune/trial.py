@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from fuse_tune.records import (
     NEVER_SWITCHED,
     PER_SEED_METRICS,
     STATE_COMPLETE,
+    VALIDATION_PREFIX,
     Metrics,
     StudyParams,
     Tags,
@@ -40,30 +41,37 @@ from fuse_tune.records import (
     redact,
     seed_std,
 )
-from fuse_tune.spec import Param, SpecError, StudySpec, _flatten, nest, read_spec
+from fuse_tune.spec import OBJECTIVES, Param, SpecError, StudySpec, _flatten, nest, read_spec
 from fuse_tune.tracking import MlflowTracker, versions
 from fuse_tune.train import TRAINER_KEYS, EpochMetrics, TrainConfig, Trainer, TrainResult, optimizer_arguments
-from fuse_tune.workloads import CrossEntropyWithL2, DatasetNotFound, build_function, get_workload, load_dataset
-from fuse_tune.workloads.models import build_model, model_options
+from fuse_tune.workloads import (
+    ACCURACY,
+    DatasetNotFound,
+    Metric,
+    Workload,
+    build_function,
+    build_supervised,
+    get_workload,
+)
+from fuse_tune.workloads.interface import WorkloadError, split_size
 
 __all__ = ["split_settings", "check_spec", "load_spec", "suggest", "run_trial", "SeedRuns", "TrialOutcome",
            "train_config", "seed_config", "summarize", "cost_of", "study_run_info", "start_study_run", "trial_tags",
            "log_outcome"]
 
 
-def workload_option_names(workload_name: str) -> set[str]:
-    workload = get_workload(workload_name)
-    names = set(workload.options)
-    if workload.kind == "function":
-        names |= {"dim", "noise", "start"}
-    elif workload.model:
-        names |= set(model_options(workload.model))
-    return names
+def workload_option_names(workload: StudySpec | Workload | str) -> set[str]:
+    """The options a workload (a study's, a Workload, a registered name) declares."""
+    if isinstance(workload, StudySpec):
+        workload = get_workload(workload.workload, workload.workload_path)
+    elif isinstance(workload, str):
+        workload = get_workload(workload)
+    return set(workload.accepted_options())
 
 
-def split_settings(workload_name: str, settings: Mapping[str, Any]) -> tuple[dict, dict, dict]:
+def split_settings(spec_or_name: StudySpec | Workload | str, settings: Mapping[str, Any]) -> tuple[dict, dict, dict]:
     """Route settings by their first dotted part: trainer, workload option, else optimizer argument."""
-    workload_keys = workload_option_names(workload_name)
+    workload_keys = workload_option_names(spec_or_name)
     trainer, workload_options, optimizer = {}, {}, {}
     for key, value in settings.items():
         if key in TRAINER_KEYS:
@@ -76,10 +84,11 @@ def split_settings(workload_name: str, settings: Mapping[str, Any]) -> tuple[dic
 
 
 def train_config(spec: StudySpec, settings: Mapping[str, Any], seed: int) -> TrainConfig:
-    trainer, workload_options, optimizer_args = split_settings(spec.workload, settings)
+    trainer, workload_options, optimizer_args = split_settings(spec, settings)
     trainer = {"data_dir": spec.data_dir, **trainer}
     return TrainConfig(workload=spec.workload, optimizer=spec.optimizer, optimizer_args=optimizer_args,
-                       workload_options=workload_options, epochs=spec.epochs, seed=seed, **trainer)
+                       workload_options=workload_options, epochs=spec.epochs, seed=seed,
+                       workload_path=spec.workload_path, **trainer)
 
 
 # ------------------------------------------------------------------ sampling
@@ -105,34 +114,71 @@ def suggest(trial: Any, params: tuple[Param, ...]) -> dict[str, Any]:
 # ------------------------------------------------------------------ validation
 
 
-def _dataset_info(workload_name: str, data_dir: str | None) -> tuple[int, tuple[int, ...], int] | None:
-    """``(training samples, input shape, classes)`` of a supervised workload's data, when it is present."""
-    workload = get_workload(workload_name)
-    if workload.kind != "supervised":
+@dataclass(frozen=True)
+class Probe:
+    """What one build of a supervised workload showed: its training-set size and metric (``None``: none)."""
+
+    n_train: int
+    metric: Metric | None
+
+
+def probe_workload(spec: StudySpec, options: Mapping[str, Any]) -> Probe | None:
+    """Build the study's workload once with ``options`` (seed ``seeds[0]``; :func:`build_supervised` evaluates the
+    objective and the metric on a two-sample batch), so that a builder that returns the wrong thing, a loss that is
+    not a scalar or a metric that fails is one line before any trial starts. ``None`` for a test function
+    or when a built-in data set's files are absent (a trial then fails with the line naming them)."""
+    workload = get_workload(spec.workload, spec.workload_path)
+    if workload.kind == "function":
         return None
     try:
-        data = load_dataset(workload.dataset, data_dir)
+        instance = build_supervised(workload, data_dir=spec.data_dir, seed=spec.seeds[0], **options)
     except DatasetNotFound:
-        return None  # checked when a trial runs; a study over absent data fails then with a clear line
-    return int(data.train_x.shape[0]), tuple(data.input_shape), int(data.num_classes)
+        return None
+    return Probe(split_size(instance.problem.train), instance.problem.metric)
 
 
-def _check_workload_options(workload_name: str, options: Mapping[str, Any],
-                            data: tuple[int, tuple[int, ...], int] | None) -> None:
-    """Build what the options describe (a test function; the loss and, with its data's shape, the model)."""
-    workload = get_workload(workload_name)
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def resolve_objective(spec: StudySpec, metric: Metric | None) -> StudySpec:
+    """``spec`` with its objective's metric and direction filled in from the workload's metric (see
+    :class:`fuse_tune.spec.Objective`); a one-line SpecError for a metric the workload does not report."""
+    function = get_workload(spec.workload, spec.workload_path).kind == "function"
+    chosen = spec.objective.metric
+    if chosen is None:
+        chosen = (Metrics.TRAIN_LOSS if function else
+                  f"{VALIDATION_PREFIX}{metric.name}" if metric is not None else Metrics.VAL_LOSS)
+    if function and chosen not in (Metrics.TRAIN_LOSS, Metrics.TIME_TO_TARGET):
+        raise SpecError(f"objective.metric: {chosen} needs a data set; use train_loss or time_to_target for "
+                        f"test-function workloads")
+    if chosen in OBJECTIVES:
+        direction = OBJECTIVES[chosen]
+    elif metric is not None and chosen == f"{VALIDATION_PREFIX}{metric.name}":
+        direction = metric.direction
+    else:
+        accepted = sorted(OBJECTIVES) + ([f"{VALIDATION_PREFIX}{metric.name}"] if metric is not None else [])
+        raise SpecError(f"objective.metric: workload {spec.workload!r} reports "
+                        f"{'the metric ' + repr(metric.name) if metric is not None else 'no metric'}, not "
+                        f"{chosen!r}; accepted: {accepted}")
+    return replace(spec, objective=replace(spec.objective, metric=chosen, direction=direction))
+
+
+def _check_workload_options(spec: StudySpec, options: Mapping[str, Any]) -> None:
+    """The option values against their declared types; a built-in workload also builds the model they describe,
+    a test function the function."""
+    workload = get_workload(spec.workload, spec.workload_path)
     if workload.kind == "function":
         build_function(workload, seed=0, **options)
         return
-    merged = {**workload.accepted_options(), **options}
-    CrossEntropyWithL2(merged.pop("l2"))
-    if data is not None:
-        build_model(workload.model, data[1], data[2], **merged)
+    merged = workload.check_options(options)
+    check = getattr(workload.build, "check", None)
+    if check is not None:
+        check(merged, spec.data_dir)
 
 
-def _validate_settings(spec: StudySpec, settings: Mapping[str, Any], where: str,
-                       data: tuple[int, tuple[int, ...], int] | None) -> None:
-    n_train = data[0] if data is not None else None
+def _validate_settings(spec: StudySpec, settings: Mapping[str, Any], where: str, n_train: int | None) -> None:
     try:
         config = train_config(spec, nest(dict(_flatten(settings))), spec.seeds[0])
         config.validate()
@@ -142,25 +188,28 @@ def _validate_settings(spec: StudySpec, settings: Mapping[str, Any], where: str,
                 raise ValueError(f"{key}={size} is larger than the training set of {spec.workload} ({n_train} samples)")
         probe = [torch.zeros(3, requires_grad=True)]
         build_optimizer(spec.optimizer, probe, optimizer_arguments(config))
-        _check_workload_options(spec.workload, config.workload_options, data)
+        _check_workload_options(spec, config.workload_options)
     except SpecError:
         raise
     except (ValueError, TypeError) as exc:
         raise SpecError(f"{where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
-def check_spec(spec: StudySpec) -> None:
-    """Names, routing and a dry run of the fixed settings and of every range end / choice."""
+def check_spec(spec: StudySpec) -> StudySpec:
+    """Names, routing and a dry run of the fixed settings and of every range end / choice, and one build of the
+    workload (:func:`probe_workload`). Returns the spec with its objective resolved (:func:`resolve_objective`)."""
     try:
-        workload = get_workload(spec.workload)
-    except ValueError as exc:
+        workload = get_workload(spec.workload, spec.workload_path)
+    except (ValueError, WorkloadError) as exc:
         raise SpecError(f"workload: {exc}") from None
     if spec.optimizer not in OPTIMIZERS:
         raise SpecError(f"optimizer: expected one of {sorted(OPTIMIZERS)}, got {spec.optimizer!r}")
-    if spec.objective.metric == Metrics.TEST_ACCURACY and workload.kind == "function":
-        raise SpecError("objective.metric: test_accuracy needs a data set; use train_loss for test-function workloads")
+    if workload.kind == "function" and spec.objective.metric not in (None, Metrics.TRAIN_LOSS,
+                                                                     Metrics.TIME_TO_TARGET):
+        raise SpecError(f"objective.metric: {spec.objective.metric} needs a data set; use train_loss for "
+                        f"test-function workloads")
     accepted_optimizer = set(accepted_arguments(spec.optimizer))
-    routable = set(TRAINER_KEYS) | workload_option_names(spec.workload) | accepted_optimizer
+    routable = set(TRAINER_KEYS) | workload_option_names(spec) | accepted_optimizer
     for name in [n for n, _ in _flatten(spec.fixed)] + [p.name for p in spec.search]:
         root = name.split(".")[0]
         if root in ("epochs", "seed"):
@@ -170,17 +219,18 @@ def check_spec(spec: StudySpec) -> None:
             field_name = f"search.{name}" if any(p.name == name for p in spec.search) else f"fixed.{name}"
             raise SpecError(f"{field_name}: not a setting of optimizer {spec.optimizer!r}, of the trainer or of "
                             f"workload {spec.workload!r}; accepted: {sorted(routable)}")
-    data = _dataset_info(spec.workload, spec.data_dir)
     fixed = dict(_flatten(spec.fixed))
+    _validate_fixed(spec, fixed, None)  # the option values, before the build below uses them
     try:
-        _validate_settings(spec, fixed, "fixed", data)
-    except SpecError as error:
-        # Searched settings may complete fixed ones (fixed switch.criterion: epoch, searched switch.epoch):
-        # the fixed settings are wrong only if they fail together with a complete assignment too.
-        try:
-            _validate_settings(spec, {**fixed, **_complete_assignment(spec.search, {})}, "fixed", data)
-        except SpecError:
-            raise error from None
+        _, fixed_options, _ = split_settings(spec, nest(fixed))
+        probe = probe_workload(spec, fixed_options)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(f"fixed: {_first_line(exc)}") from None
+    except WorkloadError as exc:
+        raise SpecError(f"workload: {exc}") from None
+    n_train = probe.n_train if probe is not None else None
+    if n_train is not None:
+        _validate_fixed(spec, fixed, n_train)  # batch sizes against the training split
     deferred: SpecError | None = None
     for param in spec.search:
         # The parameter's conditions held by their first allowed value, every other active parameter at
@@ -192,16 +242,38 @@ def check_spec(spec: StudySpec) -> None:
             chosen = {**overrides, param.name: value}
             try:
                 _validate_settings(spec, {**fixed, **_complete_assignment(spec.search, chosen)},
-                                   f"search.{param.name}.{label}", data)
+                                   f"search.{param.name}.{label}", n_train)
             except SpecError as error:
                 # Another parameter's first extreme may be the culprit (a zero zeta.low fails the choice
                 # grad_norm of switch.criterion too): that parameter's own check names it; report this
                 # one only when no such check fails.
-                if not _valid_with_another_extreme(spec, fixed, param, chosen, data):
+                if not _valid_with_another_extreme(spec, fixed, param, chosen, n_train):
                     raise
                 deferred = deferred or error
     if deferred is not None:
         raise deferred
+    return resolve_objective(spec, probe.metric if probe is not None else _builtin_metric(workload))
+
+
+def resolved(spec: StudySpec) -> StudySpec:
+    """``spec`` itself when its objective is resolved (:func:`load_spec`, :func:`check_spec`), else
+    :func:`check_spec` of it: a spec straight from :func:`fuse_tune.spec.parse_spec` works everywhere too."""
+    return spec if spec.objective.direction is not None and spec.objective.metric is not None else check_spec(spec)
+
+
+def _validate_fixed(spec: StudySpec, fixed: Mapping[str, Any], n_train: int | None) -> None:
+    try:
+        _validate_settings(spec, fixed, "fixed", n_train)
+    except SpecError:
+        # Searched settings may complete fixed ones (fixed switch.criterion: epoch, searched switch.epoch):
+        # the fixed settings are wrong only if they fail together with a complete assignment too, and what that
+        # assignment fails on is the fault (not the incompleteness the search fills in).
+        _validate_settings(spec, {**fixed, **_complete_assignment(spec.search, {})}, "fixed", n_train)
+
+
+def _builtin_metric(workload: Workload) -> Metric | None:
+    """Accuracy for a built-in data set whose files are absent (the probe could not build it)."""
+    return ACCURACY if workload.dataset is not None else None
 
 
 def load_spec(path: str | Path) -> StudySpec:
@@ -209,14 +281,14 @@ def load_spec(path: str | Path) -> StudySpec:
     errors are one-line SpecErrors naming the file and the field."""
     spec = read_spec(path)
     try:
-        check_spec(spec)
+        spec = check_spec(spec)
     except SpecError as exc:
         raise SpecError(f"{path}: {exc}") from None
     return spec
 
 
 def _valid_with_another_extreme(spec: StudySpec, fixed: Mapping[str, Any], param: Param, chosen: Mapping[str, Any],
-                                 data: tuple[int, tuple[int, ...], int] | None) -> bool:
+                                 n_train: int | None) -> bool:
     """Whether moving one other parameter off its first extreme makes ``chosen`` a valid assignment."""
     assignment = _complete_assignment(spec.search, chosen)
     for other in spec.search:
@@ -225,7 +297,7 @@ def _valid_with_another_extreme(spec: StudySpec, fixed: Mapping[str, Any], param
         for value in other.extremes()[1:]:
             try:
                 _validate_settings(spec, {**fixed, **_complete_assignment(spec.search, {**chosen, other.name: value})},
-                                   "", data)
+                                   "", n_train)
             except SpecError:
                 continue
             return True
@@ -264,17 +336,22 @@ class TrialOutcome:
 
 def _objective_of(spec: StudySpec, history: list[EpochMetrics], time_to_target: float | None) -> float:
     metric = spec.objective.metric
-    if metric == Metrics.TEST_ACCURACY:
-        return float(history[-1].test_accuracy)
-    if metric == Metrics.TRAIN_LOSS:
-        return float(history[-1].train_loss)
-    return float(time_to_target) if time_to_target is not None else math.inf
+    if metric == Metrics.TIME_TO_TARGET:
+        return float(time_to_target) if time_to_target is not None else math.inf
+    return _measured(history[-1], metric)
 
 
 def _intermediate(spec: StudySpec, metrics: EpochMetrics) -> float:
-    if spec.objective.metric == Metrics.TEST_ACCURACY:
-        return float(metrics.test_accuracy)
-    return float(metrics.train_loss)
+    """The value pruners and schedulers see after an epoch: the objective (the training loss for time_to_target)."""
+    metric = spec.objective.metric
+    return _measured(metrics, Metrics.TRAIN_LOSS if metric == Metrics.TIME_TO_TARGET else metric)
+
+
+def _measured(metrics: EpochMetrics, key: str) -> float:
+    value = metrics.value(key)
+    if value is None:  # resolve_objective admits only what the trainer measures: a bug if this happens
+        raise RuntimeError(f"objective {key!r} was not measured (measured: {sorted(metrics.scores)})")
+    return float(value)
 
 
 class SeedRuns:
@@ -289,10 +366,11 @@ class SeedRuns:
     """
 
     def __init__(self, spec: StudySpec, settings: Mapping[str, Any], *, threads: int | None = None,
-                 device: str | None = None) -> None:
-        self.spec = spec
+                 device: str | None = None, evaluate_test: bool = False) -> None:
+        spec = self.spec = resolved(spec)
         self.seeds = list(spec.seeds)
-        self.trainers = [Trainer(seed_config(spec, settings, seed, threads=threads, device=device))
+        self.trainers = [Trainer(seed_config(spec, settings, seed, threads=threads, device=device,
+                                             evaluate_test=evaluate_test))
                          for seed in self.seeds]
         self.epoch = 0  # epochs the group has run (the next report's epoch index)
         self.epochs_run = 0  # seed-epochs trained, summed over seeds (the pruning statistics' unit)
@@ -334,10 +412,12 @@ class SeedRuns:
 
 
 def run_trial(spec: StudySpec, sampled: Mapping[str, Any], *, report: Callable[[int, float], None] | None = None,
-              run: Any = None, threads: int | None = None, device: str | None = None) -> TrialOutcome:
+              run: Any = None, threads: int | None = None, device: str | None = None,
+              evaluate_test: bool = False) -> TrialOutcome:
     """Train ``spec`` fixed + ``sampled`` settings on every seed (:class:`SeedRuns`); ``report(epoch, mean over
-    seeds)`` after each epoch may raise to prune."""
-    runs = SeedRuns(spec, spec.configuration(sampled), threads=threads, device=device)
+    seeds)`` after each epoch may raise to prune. The test split is evaluated only with ``evaluate_test`` (a
+    comparison's reruns), never for a tuning trial."""
+    runs = SeedRuns(spec, spec.configuration(sampled), threads=threads, device=device, evaluate_test=evaluate_test)
     while not runs.done:
         epoch = runs.epoch
         value, _ = runs.run_epoch(run.log_epoch if run is not None else None)
@@ -347,7 +427,7 @@ def run_trial(spec: StudySpec, sampled: Mapping[str, Any], *, report: Callable[[
 
 
 def seed_config(spec: StudySpec, settings: Mapping[str, Any], seed: int, *, threads: int | None = None,
-                device: str | None = None) -> TrainConfig:
+                device: str | None = None, evaluate_test: bool = False) -> TrainConfig:
     """The TrainConfig of one seed of a trial (shared by the Optuna and Ray backends)."""
     config = train_config(spec, settings, seed)
     if threads is not None:
@@ -356,6 +436,7 @@ def seed_config(spec: StudySpec, settings: Mapping[str, Any], seed: int, *, thre
         config.device = device
     if spec.objective.target_loss is not None:
         config.target_loss = spec.objective.target_loss
+    config.evaluate_test = evaluate_test  # trials select on validation; the test split is the reruns' and reports'
     return config
 
 
@@ -397,7 +478,8 @@ def study_run_info(spec: StudySpec, n_trials: int, backend: str, storage: str | 
             Tags.FINGERPRINT: spec.fingerprint(), Tags.BACKEND: backend, **versions()}
     params = {StudyParams.WORKLOAD: spec.workload, StudyParams.OPTIMIZER: spec.optimizer,
               StudyParams.EPOCHS: spec.epochs, StudyParams.SEEDS: ",".join(map(str, spec.seeds)),
-              StudyParams.OBJECTIVE: spec.objective.metric, StudyParams.SAMPLER: spec.sampler["name"],
+              StudyParams.OBJECTIVE: spec.objective.metric,
+              StudyParams.OBJECTIVE_DIRECTION: spec.objective.direction, StudyParams.SAMPLER: spec.sampler["name"],
               StudyParams.PRUNER: spec.pruner["name"], StudyParams.TRIALS: n_trials, StudyParams.FIXED: spec.fixed}
     return tags, params
 
@@ -442,8 +524,8 @@ def log_outcome(run: Any, outcome: TrialOutcome, spec: StudySpec) -> None:
     if hasattr(run, "log_series") and outcome.histories:
         length = min(len(h) for h in outcome.histories)
         series: dict[str, list[float]] = {}
-        for key in EPOCH_MEAN_METRICS:
-            columns = [[getattr(h[i], key) for h in outcome.histories] for i in range(length)]
+        for key in (*EPOCH_MEAN_METRICS, *outcome.histories[0][0].scores):
+            columns = [[h[i].value(key) for h in outcome.histories] for i in range(length)]
             if all(v is not None for column in columns for v in column):
                 series[key] = [sum(column) / len(column) for column in columns]
         run.log_series({k: v for k, v in series.items() if all(math.isfinite(x) for x in v)})
@@ -456,6 +538,7 @@ _LOGGED = tuple(m for m in PER_SEED_METRICS if m not in (Metrics.PHASE_SECOND, M
 def _loggable(metrics: EpochMetrics) -> dict[str, float | None]:
     """One seed's epoch as the per-seed metrics (:data:`fuse_tune.records.PER_SEED_METRICS`); None: not logged."""
     values: dict[str, float | None] = {key: getattr(metrics, key) for key in _LOGGED}
+    values.update(metrics.scores)
     values[Metrics.PHASE_SECOND] = 0.0 if metrics.phase == FIRST_PHASE else 1.0
     values[Metrics.SWITCH_EPOCH] = metrics.switch_epoch
     return {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in values.items()}

@@ -33,7 +33,8 @@ from fuse_tune.records import MAXIMIZE, STATE_FAILED, STATE_PRUNED, Tags, decode
 from fuse_tune.spec import SpecError, StudySpec
 from fuse_tune.summary import StudySummaryBase, TrialRow
 from fuse_tune.tracking import MlflowTracker, _MlflowRun, end_trial_run
-from fuse_tune.trial import start_study_run, suggest
+from fuse_tune.trial import resolved, start_study_run, suggest
+from fuse_tune.workloads import registered_workload
 
 __all__ = ["RaySummary", "run_ray_study", "start_local_ray", "STUDY_RECORD", "CHECKPOINTS_TO_KEEP"]
 
@@ -377,7 +378,7 @@ def run_ray_study(spec: StudySpec, *, n_trials: int | None = None, n_jobs: int |
                   progress: bool = True) -> RaySummary:
     """Run (or resume, when its Ray experiment exists) a study on a Ray cluster; see :mod:`fuse_tune.ray_backend`."""
     _check_counts(n_jobs, n_trials, threads)
-    spec = absolute_spec(spec)
+    spec = absolute_spec(resolved(spec))
     if tracking_uri == "default":
         from fuse_tune.tracking import default_tracking_uri
 
@@ -405,7 +406,8 @@ def run_ray_study(spec: StudySpec, *, n_trials: int | None = None, n_jobs: int |
         ctx = RayContext(spec=spec, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                          experiment_id=experiment.experiment_id,
                          threads=threads or max(1, int(request.get("cpu", 1.0))),
-                         device=device or ("cpu" if request.get("gpu", 0.0) == 0 else None))
+                         device=device or ("cpu" if request.get("gpu", 0.0) == 0 else None),
+                         workload=registered_workload(spec.workload))
         tuner = _make_tuner(spec, experiment, _trainable(ctx, request), concurrency, tracking_uri, progress)
         results, finished = _fit(tuner, spec, experiment.n_trials, tracking_uri, parent_run_id)
         if not finished:

@@ -38,7 +38,7 @@ __all__ = ["RayContext", "TrialLoop", "fuse_trainable", "load_checkpoint", "CHEC
 
 CHECKPOINT_FILE = "fuse_trial.pt"
 TRIAL_KEY = "fuse_trial"  # the Optuna trial number, added to each configuration by the searcher
-CHECKPOINT_FORMAT = 2  # 2: every seed's state in one payload (the seeds advance together)
+CHECKPOINT_FORMAT = 3  # 2: every seed's state in one payload (the seeds advance together); 3: validation split
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class RayContext:
     experiment_id: str
     threads: int = 1
     device: str | None = None
+    workload: Any = None  # a builder registered in the driver's process only (a notebook's): shipped by value
 
 
 def load_checkpoint(checkpoint: Any) -> dict[str, Any] | None:
@@ -287,6 +288,10 @@ class TrialLoop:
 def fuse_trainable(config: dict[str, Any], ctx: RayContext) -> None:
     """The Tune function trainable (``tune.with_parameters(fuse_trainable, ctx=...)``)."""
     ray, tune = import_ray()
+    if ctx.workload is not None:
+        from fuse_tune.workloads import register_workload
+
+        register_workload(ctx.workload.name, ctx.workload.build)
     loop = TrialLoop(ctx, config, trial_id=tune.get_context().get_trial_id(),
                      node_id=ray.get_runtime_context().get_node_id(), restored=load_checkpoint(tune.get_checkpoint()))
     loop.run(lambda metrics, directory: tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory)))

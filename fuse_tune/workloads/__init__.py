@@ -1,20 +1,24 @@
-"""Named workloads: what to minimise, independent of the optimiser that minimises it.
+"""Workloads: what to minimise, independent of the optimiser that minimises it.
 
-A ``Workload`` is data: a test function (``kind="function"``) or a data set plus a model
-(``kind="supervised"``), with default options. Two builders turn one into something to train:
+Every workload, built-in or the user's own, is a :class:`~fuse_tune.workloads.interface.Workload`: a builder
+with declared options (:mod:`fuse_tune.workloads.interface` has the interface and its contract). The built-in
+ones are registered in ``WORKLOADS`` through that same interface; a user's is named by its import reference
+``package.module:builder`` (:func:`get_workload`). Two entry points turn one into something to train:
 
 - ``build_function(workload, seed=...)`` returns a ``FunctionInstance``: a ``FunctionModule`` whose
   parameter ``x`` starts at the test function's default start (the same for every optimiser and
   seed), its ``f_star``, the gradient-noise scale and a noise generator seeded with ``seed``.
-- ``build_supervised(workload, data_dir=..., seed=...)`` returns a ``SupervisedInstance``: the model,
-  the data (``DataBundle``) and the loss function.
+- ``build_supervised(workload, data_dir=..., seed=...)`` returns a ``SupervisedInstance``: the model and the
+  builder's ``Problem`` (loss, penalty, metric, train / validation / test data).
 
-Paired seeding: a supervised model's initial weights are drawn from a private RNG seeded with
-``seed`` alone (the global torch RNG is neither read nor advanced), on the CPU in float32 and then
-moved to ``device``/``dtype``. The same seed therefore gives bit-identical initial weights whichever
-optimiser is run next, so optimisers can be compared seed by seed.
+Paired seeding: the builder runs with the global torch RNG seeded with ``seed`` alone (inside ``fork_rng``:
+the caller's RNG is neither read nor advanced); models are built on the CPU in float32 and then moved to
+``device``/``dtype``. The same seed therefore gives bit-identical initial weights whichever optimiser is run
+next, so optimisers can be compared seed by seed.
 
-Loss: mean cross-entropy over the batch plus an L2 penalty on the weights,
+Built-in supervised workloads: data from ``fuse_tune.workloads.datasets`` (train / validation / test),
+accuracy as the metric, and
+loss: mean cross-entropy over the batch plus an L2 penalty on the weights,
 ``loss = (1/N) sum_i CE(model(x_i), y_i) + (l2 / 2) sum_{W} ||W||^2``, where the sum runs over
 weight matrices and convolution kernels (parameters with two or more dimensions), not over biases or
 BatchNorm scales. With ``l2 = 1e-3`` on all 1,797 digits this is the objective whose minimum
@@ -24,24 +28,52 @@ BatchNorm scales. With ``l2 = 1e-3`` on all 1,797 digits this is the objective w
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fuse_optim.test_functions import TEST_FUNCTIONS, get_test_function
-from fuse_tune.workloads.datasets import DATASETS, DataBundle, DatasetNotFound, load_dataset
+from fuse_optim.test_functions import get_test_function
+from fuse_tune.errors import UserError
+from fuse_tune.workloads.datasets import DataBundle, DatasetNotFound, load_dataset
 from fuse_tune.workloads.functions import FunctionModule, add_gradient_noise
-from fuse_tune.workloads.models import MODELS, build_model, model_options
+from fuse_tune.workloads.interface import (
+    ACCURACY,
+    MAE,
+    MSE,
+    Data,
+    Metric,
+    Option,
+    Problem,
+    Workload,
+    WorkloadError,
+    check_problem,
+    check_runs,
+    from_builder,
+    import_builder,
+    is_reference,
+)
+from fuse_tune.workloads.models import build_model, model_options
 
 __all__ = [
+    "ACCURACY",
+    "MAE",
+    "MSE",
     "WORKLOADS",
+    "Data",
+    "Metric",
+    "Option",
+    "Problem",
+    "WorkloadError",
+    "call_builder",
+    "register_workload",
+    "registered_workload",
     "CrossEntropyWithL2",
     "DataBundle",
     "DatasetNotFound",
@@ -58,71 +90,58 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Workload:
-    """A named problem.
+class _BuiltinSupervised:
+    """The builder of a built-in supervised workload: a data set of ``DATASETS`` and a model of ``MODELS``,
+    cross-entropy plus the L2 penalty, accuracy. A value (not a closure) so that workloads hash and pickle."""
 
-    Attributes:
-        name: registry key, ``"<dataset>-<model>"`` or the test function's name.
-        kind: ``"function"`` (a test function) or ``"supervised"`` (a data set and a model).
-        description: one line for listings.
-        dataset: a ``DATASETS`` key (supervised only).
-        model: a ``MODELS`` key (supervised only).
-        function: a ``TEST_FUNCTIONS`` key (function only).
-        options: default options (read-only); supervised: ``l2`` and the model's options; function:
-            ``dim`` and ``noise``.
-    """
+    dataset: str
+    model: str
 
-    name: str
-    kind: Literal["function", "supervised"]
-    description: str
-    dataset: str | None = None
-    model: str | None = None
-    function: str | None = None
-    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    def __call__(self, *, seed: int = 0, data_dir: str | os.PathLike[str] | None = None, download: bool = False,
+                 l2: float = 0.0, **model_kwargs: Any) -> Problem:
+        criterion = CrossEntropyWithL2(l2)
+        data = load_dataset(self.dataset, data_dir, download=download)
+        model = build_model(self.model, data.input_shape, data.num_classes, **model_kwargs)
+        return Problem(model=model, loss=criterion.data_loss, penalty=criterion.penalty, metric=ACCURACY,
+                       train=(data.train_x, data.train_y), validation=(data.val_x, data.val_y),
+                       test=(data.test_x, data.test_y))
 
-    def __post_init__(self) -> None:
-        if self.kind == "supervised":
-            if self.dataset not in DATASETS or self.model not in MODELS or self.function is not None:
-                raise ValueError(
-                    f"{self.name}: a supervised workload needs a known dataset and model, no function"
-                )
-        elif self.kind == "function":
-            if self.function not in TEST_FUNCTIONS or self.dataset is not None or self.model is not None:
-                raise ValueError(
-                    f"{self.name}: a function workload needs a known function, no dataset or model"
-                )
-        else:
-            raise ValueError(f"kind: expected 'function' or 'supervised', got {self.kind!r}")
-        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+    def check(self, options: Mapping[str, Any], data_dir: str | os.PathLike[str] | None) -> None:
+        """Build the model the options describe on the data's shape (when the data is present): cheap checks
+        of every option value before a study starts."""
+        merged = dict(options)
+        CrossEntropyWithL2(merged.pop("l2", 0.0))
+        try:
+            data = load_dataset(self.dataset, data_dir)
+        except DatasetNotFound:
+            return  # checked when a trial runs; a study over absent data fails then with a clear line
+        build_model(self.model, data.input_shape, data.num_classes, **merged)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # a mappingproxy does not pickle; rebuild from a plain dict (for Ray, multiprocessing, deepcopy)
-        fields = (self.name, self.kind, self.description, self.dataset, self.model, self.function)
-        return (Workload, (*fields, dict(self.options)))
 
-    def accepted_options(self) -> dict[str, Any]:
-        """Every option ``build_*`` accepts for this workload, with its default."""
-        if self.kind == "function":
-            return {"dim": 2, "noise": 0.0, **self.options}
-        return {"l2": 0.0, **model_options(self.model), **self.options}
+@dataclass(frozen=True)
+class _BuiltinFunction:
+    """The builder of a test-function workload (:func:`build_function`)."""
+
+    function: str
+
+    def __call__(self, *, seed: int = 0, dim: int = 2, noise: float = 0.0, start: tuple[float, ...] | None = None,
+                 **kwargs: Any) -> FunctionInstance:
+        return build_function(self.function, seed=seed, dim=dim, noise=noise, start=start, **kwargs)
 
 
 def _function_workload(name: str, description: str, dim: int = 2) -> Workload:
-    return Workload(
-        name=name, kind="function", description=description, function=name, options={"dim": dim, "noise": 0.0}
-    )
+    options = (Option("dim", int, dim), Option("noise", float, 0.0), Option("start", tuple, None, optional=True))
+    return Workload(name=name, kind="function", description=description, build=_BuiltinFunction(name),
+                    options=options, function=name)
 
 
-def _supervised_workload(dataset: str, model: str, short: str, description: str, **options: Any) -> Workload:
-    defaults = {"l2": 1e-3 if model == "logreg" else 0.0, **model_options(model), **options}
-    return Workload(
-        name=f"{dataset}-{short}",
-        kind="supervised",
-        description=description,
-        dataset=dataset,
-        model=model,
-        options=defaults,
-    )
+def _supervised_workload(dataset: str, model: str, short: str, description: str) -> Workload:
+    defaults = {"l2": 1e-3 if model == "logreg" else 0.0, **model_options(model)}
+    options = tuple(Option(key, tuple if isinstance(value, list | tuple) else type(value), value)
+                    for key, value in defaults.items())
+    return Workload(name=f"{dataset}-{short}", kind="supervised", description=description,
+                    build=_BuiltinSupervised(dataset, model), options=options,
+                    dataset=dataset, model=model)
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -157,14 +176,41 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 
-def get_workload(name: str) -> Workload:
-    """The registered workload called ``name``; ``ValueError`` listing the names otherwise."""
-    try:
+#: users' workloads imported so far, by (reference, search path); and those registered in this process
+_IMPORTED: dict[tuple[str, tuple[str, ...]], Workload] = {}
+_REGISTERED: dict[str, Workload] = {}
+
+
+def register_workload(name: str, builder: Callable[..., Problem]) -> Workload:
+    """Make ``builder`` known under ``name`` in this process (the Python API's callables); returns its Workload."""
+    if name in WORKLOADS:
+        raise ValueError(f"name: {name!r} is a built-in workload; choose another name")
+    _REGISTERED[name] = from_builder(builder, name)
+    return _REGISTERED[name]
+
+
+def registered_workload(name: str) -> Workload | None:
+    """The workload registered in this process under ``name`` (:func:`register_workload`), else ``None``."""
+    return _REGISTERED.get(name)
+
+
+def get_workload(name: str, search_path: Sequence[str | os.PathLike[str]] = ()) -> Workload:
+    """A built-in workload by name, one registered in this process, or a user's builder by its import
+    reference ``package.module:builder`` (the module found on ``search_path`` first, then on ``sys.path``).
+
+    Raises ``ValueError`` for an unknown name and :class:`WorkloadError` (one line) for a reference that does
+    not import or a builder whose signature declares no usable options."""
+    if isinstance(name, str) and name in WORKLOADS:
         return WORKLOADS[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"name: unknown workload {name!r}; accepted: {', '.join(sorted(WORKLOADS))}"
-        ) from None
+    if isinstance(name, str) and name in _REGISTERED:
+        return _REGISTERED[name]
+    if isinstance(name, str) and is_reference(name):
+        key = (name, tuple(str(p) for p in search_path))
+        if key not in _IMPORTED:
+            _IMPORTED[key] = from_builder(import_builder(name, search_path), name)
+        return _IMPORTED[key]
+    raise ValueError(f"name: unknown workload {name!r}; accepted: {', '.join(sorted(WORKLOADS))}, or "
+                     f"'package.module:builder' for your own")
 
 
 def _resolve(workload: Workload | str, kind: str) -> Workload:
@@ -177,15 +223,6 @@ def _resolve(workload: Workload | str, kind: str) -> Workload:
             f"workload: {resolved.name!r} is a {resolved.kind} workload; build it with {builder}"
         )
     return resolved
-
-
-def _merge_options(workload: Workload, options: Mapping[str, Any]) -> dict[str, Any]:
-    accepted = workload.accepted_options()
-    for option in options:
-        if option not in accepted:
-            listed = ", ".join(sorted(accepted))
-            raise ValueError(f"{option}: not an option of workload {workload.name!r}; accepted: {listed}")
-    return {**accepted, **options}
 
 
 def _non_negative(name: str, value: Any) -> float:
@@ -230,19 +267,28 @@ class SupervisedInstance:
 
     Attributes:
         model: initialised from ``seed`` only, on the requested device and dtype.
-        data: the data set, inputs on the requested device and dtype.
-        loss_fn: ``(model, x, y) -> scalar`` mean loss including the L2 penalty.
+        problem: what the builder returned, its in-memory splits moved to the device (floating tensors cast to
+            ``dtype``); Dataset splits are left as they are (the trainer moves each batch).
         workload: what was built.
         options: the resolved options (defaults merged with the caller's).
         seed: the seed the initial weights come from.
     """
 
     model: nn.Module
-    data: DataBundle
-    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+    problem: Problem
     workload: Workload
     options: Mapping[str, Any]
     seed: int
+
+    def loss_fn(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The minibatch training objective ``loss(model(x), y) + penalty(model)``."""
+        return self.problem.objective(model, inputs, targets)
+
+
+def _to_device(data: Data | None, device: torch.device | str, dtype: torch.dtype) -> Data | None:
+    if not isinstance(data, tuple):
+        return data
+    return tuple(t.to(device=device, dtype=dtype if t.is_floating_point() else None) for t in data)  # type: ignore[return-value]
 
 
 def build_supervised(
@@ -253,42 +299,61 @@ def build_supervised(
     seed: int,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    search_path: Sequence[str | os.PathLike[str]] = (),
     **options: Any,
 ) -> SupervisedInstance:
-    """Load the data, build the model with weights drawn from ``seed`` alone, and the loss.
+    """Call the workload's builder with the global torch RNG seeded with ``seed`` alone (paired seeding: same
+    seed, same initial weights, whatever runs next; the caller's RNG state is restored after), check what it
+    returned, and move the model and the in-memory data to ``device``/``dtype``.
 
     Args:
-        workload: a supervised ``Workload`` or its registered name.
+        workload: a supervised ``Workload``, a registered name or a ``package.module:builder`` reference.
         data_dir: the data folder (see ``fuse_tune.workloads.datasets``); not needed for ``digits``.
         download: let torchvision fetch missing files (online only).
-        seed: the initial weights' seed (paired seeding: same seed, same weights).
+        seed: the initial weights' seed.
         device, dtype: where the model and the inputs live.
-        **options: overrides of ``workload.options``: ``l2`` (>= 0) and the model's options.
+        search_path: folders to import a reference's module from (e.g. the study file's folder).
+        **options: overrides of the workload's declared options (:attr:`Workload.options`).
 
     Raises:
         ValueError: an unknown workload or option, or a bad option value.
-        DatasetNotFound: the data set's files are missing (one line naming the files and the folder).
+        WorkloadError: a builder that fails or returns something other than a well-formed ``Problem``.
+        DatasetNotFound: a built-in data set's files are missing (one line naming the files and the folder).
     """
-    resolved = _resolve(workload, "supervised")
-    merged = _merge_options(resolved, options)
+    resolved = _resolve(workload if not isinstance(workload, str) else get_workload(workload, search_path),
+                        "supervised")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: expected an int, got {seed!r}")
-    loss_fn = CrossEntropyWithL2(merged["l2"])
-    model_kwargs = {key: value for key, value in merged.items() if key != "l2"}
-
-    data = load_dataset(resolved.dataset, data_dir, download=download)
+    merged = resolved.check_options(options)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model(resolved.model, data.input_shape, data.num_classes, **model_kwargs)
-    model = model.to(device=device, dtype=dtype)
-    return SupervisedInstance(
-        model=model,
-        data=data.to(device=device, dtype=dtype),
-        loss_fn=loss_fn,
-        workload=resolved,
-        options=merged,
-        seed=seed,
-    )
+        problem = call_builder(resolved, merged, seed=seed, data_dir=data_dir, download=download)
+        check_runs(problem, resolved.name)  # inside fork_rng: a dropout layer's draws leave the caller's RNG alone
+    model = problem.model.to(device=device, dtype=dtype)
+    problem = dataclasses.replace(problem, model=model, train=_to_device(problem.train, device, dtype),
+                                  validation=_to_device(problem.validation, device, dtype),
+                                  test=_to_device(problem.test, device, dtype))
+    return SupervisedInstance(model=model, problem=problem, workload=resolved, options=merged, seed=seed)
+
+
+def call_builder(workload: Workload, options: Mapping[str, Any], *, seed: int,
+                 data_dir: str | os.PathLike[str] | None = None, download: bool = False) -> Problem:
+    """``workload``'s builder called with ``options`` and its context, its result checked (:func:`check_problem`).
+
+    Errors that are the user's input pass through (bad option values: ``ValueError``; missing data); any other
+    exception raised inside a user's builder becomes one line naming the workload."""
+    try:
+        problem = workload.call(options, seed=seed, data_dir=None if data_dir is None else str(data_dir),
+                                download=download)
+    except UserError:
+        raise
+    except Exception as exc:
+        if workload.dataset is not None:  # a built-in's: a bad option value (ValueError) or a bug of ours
+            raise
+        text = str(exc).strip()
+        raise WorkloadError(f"workload {workload.name!r}: the builder raised {type(exc).__name__}"
+                            f"{': ' + text.splitlines()[0] if text else ''}") from exc
+    return check_problem(problem, workload.name)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -348,8 +413,8 @@ def build_function(
         accepted = "dim, dtype, device, noise, start"
         raise ValueError(f"{option}: not an option of workload {resolved.name!r}; accepted: {accepted}")
     test_function = get_test_function(resolved.function)
-    dim = test_function.check_dim(resolved.options.get("dim", 2) if dim is None else dim)
-    noise = _non_negative("noise", resolved.options.get("noise", 0.0) if noise is None else noise)
+    dim = test_function.check_dim(resolved.defaults.get("dim", 2) if dim is None else dim)
+    noise = _non_negative("noise", resolved.defaults.get("noise", 0.0) if noise is None else noise)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed: expected an int, got {seed!r}")
     if start is None:

@@ -2,25 +2,42 @@
 
 Every loader returns a ``DataBundle``: inputs ``(N, C, H, W)`` float32 scaled to ``[0, 1]`` (pixel
 value / 255, or / 16 for scikit-learn's digits), **not** standardised, and int64 class labels in
-``[0, num_classes)``. ``[0, 1]`` is what torchvision's ``ToTensor`` gives, what the paper's setting
-implies, and what the project's reference numbers use: f* = 0.261865 for logistic regression with
-L2 (1e-3) on all 1,797 digits scaled by 1/16 (scipy L-BFGS-B, BENCHMARKS.md, "Minibatch second
-phase"); per-channel standardisation would change those references and is left to a model if it
-wants it.
+``[0, num_classes)``, split into train / validation / test. ``[0, 1]`` is what torchvision's
+``ToTensor`` gives, what the paper's setting implies, and what the project's reference numbers use:
+f* = 0.261865 for logistic regression with L2 (1e-3) on all 1,797 digits scaled by 1/16 (scipy
+L-BFGS-B, BENCHMARKS.md, "Minibatch second phase"); per-channel standardisation would change those
+references and is left to a model if it wants it.
 
-Data sets and where their files go (``data_dir`` is always a parameter, never a fixed path):
+Validation split: none of these data sets has an official validation split, so every loader holds
+one out of its *training* data (never the test data) by one rule, in ``_bundle``: a seeded hold-out
+of ``round(n_train / 6)`` training samples (Python's ``round``, halves to even), stratified by label
+(scikit-learn ``train_test_split``, ``random_state=SPLIT_SEED`` = 0). It depends only on the labels
+read from the files, never on a run's seed: the same files give the same split. When stratifying is
+impossible (a class with fewer than 2 training samples, or fewer validation or remaining training
+samples than classes, as in tiny files) the hold-out is an unstratified seeded split of the same size
+(``stratify=None``, ``random_state=0``). Indices stay sorted, so train and validation keep the files'
+order. The test set is the data set's own test set, unchanged.
+
+Data sets, where their files go (``data_dir`` is always a parameter, never a fixed path) and their
+train / validation / test sizes:
 
 ============================  ======================================================================
 ``digits``                    scikit-learn's bundled ``load_digits`` (1,797 8x8 images, offline);
-                              fixed stratified 75/25 split, ``random_state=0`` (1,347 / 450)
-``mnist``                     ``<data_dir>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``
-``fashionmnist``              same four files under ``<data_dir>/FashionMNIST/raw/``
-``kmnist``                    same four files under ``<data_dir>/KMNIST/raw/``
+                              fixed stratified 75/25 split, ``random_state=0`` (1,347 / 450), then
+                              the validation hold-out: 1,123 train / 224 validation / 450 test
+``mnist``                     ``<data_dir>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``;
+                              50,000 train / 10,000 validation / 10,000 test
+``fashionmnist``              same four files under ``<data_dir>/FashionMNIST/raw/``; 50,000 / 10,000
+                              / 10,000
+``kmnist``                    same four files under ``<data_dir>/KMNIST/raw/``; 50,000 / 10,000 /
+                              10,000
 ``mnist-test-split``          only ``<data_dir>/MNIST/raw/t10k-*-ubyte[.gz]``: the 10,000-image MNIST
-                              **test** set split (stratified, seed 0) into 8,000 train / 2,000 test
-``usps``                      ``<data_dir>/USPS/usps.bz2`` and ``usps.t.bz2`` (LIBSVM format)
+                              **test** set split (stratified, seed 0) into 8,000 train / 2,000 test,
+                              then the validation hold-out: 6,667 train / 1,333 validation / 2,000 test
+``usps``                      ``<data_dir>/USPS/usps.bz2`` and ``usps.t.bz2`` (LIBSVM format);
+                              7,291 / 2,007 in the files: 6,076 train / 1,215 validation / 2,007 test
 ``cifar10``                   ``<data_dir>/cifar-10-batches-py/`` (``data_batch_1..5``, ``test_batch``,
-                              ``batches.meta``)
+                              ``batches.meta``); 41,667 train / 8,333 validation / 10,000 test
 ============================  ======================================================================
 
 The files are read by torchvision's dataset classes (``MNIST``, ``FashionMNIST``, ``KMNIST``,
@@ -64,6 +81,7 @@ __all__ = [
 MNIST_TEST_SPLIT_TRAIN_SIZE = 8_000
 MNIST_TEST_SPLIT_TEST_SIZE = 2_000
 SPLIT_SEED = 0
+VALIDATION_FRACTION = 1 / 6  # of the training samples; the hold-out is round(n_train * VALIDATION_FRACTION)
 
 
 class DatasetNotFound(FileNotFoundError, UserError):
@@ -74,20 +92,25 @@ class DatasetNotFound(FileNotFoundError, UserError):
 
 @dataclass(frozen=True, eq=False)
 class DataBundle:
-    """A data set held in memory.
+    """A data set held in memory, split into train / validation / test.
+
+    The validation split is held out of the data set's training data (see the module docstring: a
+    fixed, seeded, stratified sixth of it); train, validation and test are disjoint.
 
     Attributes:
         name: the registry name (``"mnist"``, ``"digits"``, ...).
-        train_x, test_x: inputs, ``(N, C, H, W)``, float, values in ``[0, 1]``.
-        train_y, test_y: labels, ``(N,)``, int64, values in ``[0, num_classes)``.
+        train_x, val_x, test_x: inputs, ``(N, C, H, W)``, float, values in ``[0, 1]``.
+        train_y, val_y, test_y: labels, ``(N,)``, int64, values in ``[0, num_classes)``.
         num_classes: number of classes.
         input_shape: ``(C, H, W)`` of one input.
-        note: provenance in one or two sentences (source files, split, scaling).
+        note: provenance in one or two sentences (source files, splits with their sizes, scaling).
     """
 
     name: str
     train_x: torch.Tensor
     train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
@@ -99,6 +122,10 @@ class DataBundle:
         return int(self.train_y.shape[0])
 
     @property
+    def num_val(self) -> int:
+        return int(self.val_y.shape[0])
+
+    @property
     def num_test(self) -> int:
         return int(self.test_y.shape[0])
 
@@ -107,8 +134,10 @@ class DataBundle:
         return replace(
             self,
             train_x=self.train_x.to(device=device, dtype=dtype),
+            val_x=self.val_x.to(device=device, dtype=dtype),
             test_x=self.test_x.to(device=device, dtype=dtype),
             train_y=self.train_y.to(device=device),
+            val_y=self.val_y.to(device=device),
             test_y=self.test_y.to(device=device),
         )
 
@@ -120,17 +149,33 @@ def _bundle(
     num_classes: int,
     note: str,
 ) -> DataBundle:
-    """Build a ``DataBundle`` from float ``(N, C, H, W)`` inputs in ``[0, 1]`` and integer labels."""
-    train_x, train_y = train
+    """Build a ``DataBundle`` from float ``(N, C, H, W)`` inputs in ``[0, 1]`` and integer labels.
+
+    ``train`` is the data set's whole training data: the validation split is held out of it here
+    (``_validation_split``), the one place every loader's split is made, and ``note`` (provenance and
+    train/test split) gets a sentence saying how, with the three sizes. ``test`` is kept as it is.
+    """
+    full_x, full_y = train
+    full_y = torch.as_tensor(full_y, dtype=torch.int64)
     test_x, test_y = test
+    train_index, val_index, stratified = _validation_split(full_y.numpy())
+    train_index_t, val_index_t = torch.as_tensor(train_index), torch.as_tensor(val_index)
+    how = "stratified by label" if stratified else "unstratified (too few samples per class to stratify)"
+    note = (
+        f"{note}; validation: round(1/6 of the {len(full_y):,} training samples) held out, {how}, "
+        f"seed {SPLIT_SEED}: {len(train_index):,} train / {len(val_index):,} validation / "
+        f"{len(test_y):,} test"
+    )
     return DataBundle(
         name=name,
-        train_x=train_x.to(torch.float32).contiguous(),
-        train_y=torch.as_tensor(train_y, dtype=torch.int64),
+        train_x=full_x[train_index_t].to(torch.float32).contiguous(),
+        train_y=full_y[train_index_t].contiguous(),
+        val_x=full_x[val_index_t].to(torch.float32).contiguous(),
+        val_y=full_y[val_index_t].contiguous(),
         test_x=test_x.to(torch.float32).contiguous(),
         test_y=torch.as_tensor(test_y, dtype=torch.int64),
         num_classes=num_classes,
-        input_shape=tuple(int(s) for s in train_x.shape[1:]),
+        input_shape=tuple(int(s) for s in full_x.shape[1:]),
         note=note,
     )
 
@@ -140,15 +185,40 @@ def _grey_images(pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
     return torch.as_tensor(pixels).to(torch.float32).div_(255.0).unsqueeze(1)
 
 
-def _stratified_split(labels: np.ndarray, test_size: int | float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of a stratified train/test split (scikit-learn's ``train_test_split``)."""
+def _stratified_split(
+    labels: np.ndarray, test_size: int | float, seed: int, *, stratify: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices of a seeded train/test split (scikit-learn's ``train_test_split``).
+
+    Stratified by ``labels``; ``stratify=False`` gives a plain seeded shuffle split of the same size.
+    """
     from sklearn.model_selection import train_test_split
 
     indices = np.arange(labels.shape[0])
     train_index, test_index = train_test_split(
-        indices, test_size=test_size, stratify=labels, random_state=seed, shuffle=True
+        indices, test_size=test_size, stratify=labels if stratify else None, random_state=seed, shuffle=True
     )
     return np.sort(train_index), np.sort(test_index)
+
+
+def _validation_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Sorted (train, validation) indices into a data set's training data of ``labels``, and whether
+    the split is stratified.
+
+    The validation split is ``round(n / 6)`` samples, seeded with ``SPLIT_SEED`` (never a run's seed,
+    so the same files always give the same split) and stratified by label. When stratifying is
+    impossible (a class with fewer than 2 samples, or fewer validation or remaining training samples
+    than classes, as in tiny test files) it falls back to an unstratified split of the same size and
+    seed. Three samples or fewer leave an empty validation split.
+    """
+    total = int(labels.shape[0])
+    num_val = round(total * VALIDATION_FRACTION)
+    if num_val == 0:
+        return np.arange(total), np.arange(0), False
+    counts = np.unique(labels, return_counts=True)[1]
+    stratify = bool(counts.min() >= 2) and min(num_val, total - num_val) >= counts.shape[0]
+    train_index, val_index = _stratified_split(labels, test_size=num_val, seed=SPLIT_SEED, stratify=stratify)
+    return train_index, val_index, stratify
 
 
 def _not_found(name: str, where: Path, files: list[str], hint: str = "") -> DatasetNotFound:
@@ -183,7 +253,7 @@ def _load_digits(data_dir: Path | None, download: bool, verify_checksums: bool) 
         num_classes=10,
         note=(
             "scikit-learn load_digits (1,797 8x8 images, pixel/16); fixed stratified 75/25 split with "
-            "random_state=0: 1,347 train / 450 test"
+            "random_state=0: 1,347 train (before the validation hold-out) / 450 test"
         ),
     )
 
@@ -314,7 +384,8 @@ def _load_mnist_test_split(data_dir: Path, download: bool, verify_checksums: boo
         num_classes=10,
         note=(
             f"a split of the MNIST TEST set ({raw_dir}, {total} images, pixel/255), not MNIST's training "
-            f"set: stratified, seed {SPLIT_SEED}, {len(train_index)} train / {len(test_index)} test"
+            f"set: stratified, seed {SPLIT_SEED}, {len(train_index)} train (before the validation hold-out) / "
+            f"{len(test_index)} test"
         ),
     )
 
@@ -339,7 +410,10 @@ def _load_usps(data_dir: Path, download: bool, verify_checksums: bool) -> DataBu
         (_grey_images(train.data), train.targets),
         (_grey_images(test.data), test.targets),
         num_classes=10,
-        note=f"torchvision USPS from {root} (LIBSVM values in [-1, 1] -> uint8 by torchvision, then /255)",
+        note=(
+            f"torchvision USPS from {root} (LIBSVM values in [-1, 1] -> uint8 by torchvision, then /255), "
+            "train: usps.bz2, test: usps.t.bz2"
+        ),
     )
 
 

@@ -162,7 +162,19 @@ def _page_socket(port: int, timeout: float) -> str:
     raise TimeoutError("chromium has no page target")
 
 
-async def _inspect(socket_url: str, url: str, screenshot: Path | None, timeout: float) -> PageReport:
+async def _wait_for_text(tools: _DevTools, text: str, timeout: float) -> None:
+    """Poll the page's visible text until it contains ``text`` (a single-page app renders after the load event)."""
+    deadline = time.monotonic() + timeout
+    probe = f"document.body !== null && document.body.innerText.includes({json.dumps(text)})"
+    while time.monotonic() < deadline:
+        result = await tools.call("Runtime.evaluate", {"expression": probe, "returnByValue": True}, timeout)
+        if result.get("result", {}).get("value") is True:
+            return
+        await asyncio.sleep(0.25)
+
+
+async def _inspect(socket_url: str, url: str, screenshot: Path | None, timeout: float,
+                   wait_for_text: str | None = None) -> PageReport:
     import aiohttp
 
     async with aiohttp.ClientSession() as session, session.ws_connect(socket_url, max_msg_size=0) as ws:
@@ -171,6 +183,8 @@ async def _inspect(socket_url: str, url: str, screenshot: Path | None, timeout: 
             await tools.call(f"{domain}.enable")
         await tools.call("Page.navigate", {"url": url})
         await tools.wait_event("Page.loadEventFired", timeout)
+        if wait_for_text is not None:
+            await _wait_for_text(tools, wait_for_text, timeout)
         result = await tools.call("Runtime.evaluate", {"expression": _PAGE_STATE, "awaitPromise": True,
                                                        "returnByValue": True}, timeout)
         if "exceptionDetails" in result:
@@ -191,8 +205,9 @@ async def _inspect(socket_url: str, url: str, screenshot: Path | None, timeout: 
 
 
 def inspect_page(page: str | Path, *, chromium: str | None = None, screenshot: Path | None = None,
-                 timeout: float = 90.0) -> PageReport:
-    """Load ``page`` (a file path or URL) in a fresh headless Chromium and report on it."""
+                 timeout: float = 90.0, wait_for_text: str | None = None) -> PageReport:
+    """Load ``page`` (a file path or URL) in a fresh headless Chromium and report on it; with ``wait_for_text``,
+    once the page shows that text (or ``timeout`` passed: the report then shows what it did show)."""
     chromium = chromium or find_chromium()
     if chromium is None:
         raise FileNotFoundError("no chromium executable found")
@@ -204,7 +219,7 @@ def inspect_page(page: str | Path, *, chromium: str | None = None, screenshot: P
     try:
         port = _devtools_port(profile, process, timeout)
         socket_url = _page_socket(port, timeout)
-        return asyncio.run(_inspect(socket_url, url, screenshot, timeout))
+        return asyncio.run(_inspect(socket_url, url, screenshot, timeout, wait_for_text))
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)

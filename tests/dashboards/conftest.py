@@ -40,7 +40,7 @@ search:
   switch.zeta: {{type: float, low: 5.0e-2, high: 5.0, log: true, when: {{switch.criterion: grad_norm}}}}
   history_size: {{type: categorical, choices: [3, 10]}}
   batch_size_after_switch: {{type: categorical, choices: [64, 256]}}
-objective: {{metric: test_accuracy}}
+objective: {{metric: val_accuracy}}
 budget: {{trials: 4}}
 sampler: {{name: random, seed: 2}}
 pruner: {{name: none}}

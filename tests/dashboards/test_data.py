@@ -14,7 +14,7 @@ from .conftest import EPOCHS, N_TRIALS, SEEDS
 
 # What the trainer logs per seed and epoch on a data-set workload, whatever the configuration (gap is for test
 # functions; switch_epoch only from the epoch of the switch on).
-ALWAYS_LOGGED = {"train_loss", "batch_loss", "test_loss", "test_accuracy", "grad_sq_norm", "wall_time",
+ALWAYS_LOGGED = {"train_loss", "batch_loss", "val_loss", "val_accuracy", "grad_sq_norm", "wall_time",
                  "grad_evals", "samples", "batch_size", "phase_second"}
 
 
@@ -68,7 +68,7 @@ def test_identity_columns_params_phase_and_switch_match_the_runs(tidy_table, mlf
         assert set(rows["criterion"]) == {tags["fuse.criterion"]}
         assert set(rows["state"]) == {"complete"} and set(rows["study"]) == {"dash_small"}
         assert set(rows["workload"]) == {"digits-logreg"} and set(rows["optimizer"]) == {"fuse_pv"}
-        assert set(rows["objective"]) == {"test_accuracy"}
+        assert set(rows["objective"]) == {"val_accuracy"}
         for name, text in run.data.params.items():
             column = rows[f"param.{name}"]
             expected = text if name == "switch.criterion" else float(text)

@@ -46,7 +46,7 @@ def test_sensitivity_has_a_panel_per_criterion_and_log_zeta(tidy_table):
 
 def test_learning_curves_mark_the_switch(tidy_table):
     table = tables.learning_curve_table(tidy_table)
-    assert set(table["metric"]) == {"train_loss", "test_accuracy"}
+    assert set(table["metric"]) == {"train_loss", "val_accuracy"}
     plot = plots.plot_learning_curves(table)
     switches = sorted(table.dropna(subset=["switch_epoch"]).groupby("variant")["switch_epoch"].mean())
     for ax in plot.figure.get_axes():

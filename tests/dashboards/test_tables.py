@@ -12,7 +12,7 @@ from dashboards import tables
 from dashboards.data import COLUMNS
 
 
-def tidy_rows(specs, metric="test_accuracy", objective="test_accuracy", epochs=2):
+def tidy_rows(specs, metric="val_accuracy", objective="val_accuracy", epochs=2):
     """specs: (trial, criterion, {param: value}, {seed: (final value, switch epoch)}, optimizer, workload)."""
     rows = []
     for trial, criterion, params, seeds, optimizer, workload in specs:
@@ -101,7 +101,7 @@ def test_empty_tables_say_why():
     missing = tables.learning_curve_table(table.assign(objective="train_loss"))
     assert missing.empty and missing.attrs["reason"].startswith("train_loss is not logged by any run of s_w")
     partial = tables.learning_curve_table(table)
-    assert set(partial["metric"]) == {"test_accuracy"} and "train_loss not logged" in partial.attrs["note"]
+    assert set(partial["metric"]) == {"val_accuracy"} and "train_loss not logged" in partial.attrs["note"]
     assert "no per-epoch metrics" in tables.switch_ecdf_table(table.iloc[0:0]).attrs["reason"]
 
 
@@ -109,7 +109,7 @@ def test_best_configurations_ties_and_the_optuna_check():
     trials = pd.DataFrame({"study": "s", "trial": [0, 1, 2], "run_id": ["a", "b", "c"], "variant": ["v0", "v1", "v2"],
                            "workload": "w", "optimizer": "fuse_pv", "criterion": "epoch",
                            "state": ["complete", "complete", "pruned"], "seeds": "0", "switch_epochs": "1",
-                           "switch_reason": "", "objective": "test_accuracy", "direction": "maximize",
+                           "switch_reason": "", "objective": "val_accuracy", "direction": "maximize",
                            "value": [0.9, 0.9, 0.99], "std": 0.0, "epochs_run": 2.0, "param.lr": [0.1, 0.2, 0.3]})
     best = tables.best_configurations(trials, {"s": SimpleNamespace(number=0, value=0.9)})
     assert list(best["trial"]) == [0] and best["checked"][0] == "matches Optuna best_trial #0"

@@ -84,23 +84,26 @@ def test_comparison_table_means_stds_and_order():
     for optimizer, finals in (("adam", [0.9, 0.8, 0.7]), ("fuse_pv", [0.95, 0.93, 0.91])):
         for seed, final in enumerate(finals):
             for epoch, value in ((0, 0.5), (1, final)):
-                for metric, number in (("test_accuracy", value), ("train_loss", 1 - value), ("grad_evals", 10.0),
-                                       ("wall_time", 1.0)):
+                for metric, number in (("val_accuracy", value), ("test_accuracy", value - 0.1),
+                                       ("train_loss", 1 - value), ("grad_evals", 10.0), ("wall_time", 1.0)):
                     rows.append({"study": "c", "trial": 0 if optimizer == "adam" else 1, "run_id": optimizer,
                                  "variant": optimizer, "workload": "w", "optimizer": optimizer,
-                                 "objective": "test_accuracy", "seed": seed, "epoch": epoch, "metric": metric,
+                                 "objective": "val_accuracy", "seed": seed, "epoch": epoch, "metric": metric,
                                  "value": number, "phase": None,
                                  "switch_epoch": 1.0 if optimizer == "fuse_pv" else math.nan,
                                  "criterion": "", "state": "complete"})
     table = comparison_table(pd.DataFrame(rows))
-    assert list(table["method"]) == ["fuse_pv", "adam"]  # best mean test accuracy first
+    assert list(table["method"]) == ["fuse_pv", "adam"]  # best mean validation accuracy (the objective) first
     adam = table.set_index("method").loc["adam"]
-    assert adam["test_accuracy.mean"] == pytest.approx(0.8)
-    assert adam["test_accuracy.std"] == pytest.approx(np.std([0.9, 0.8, 0.7], ddof=1))
+    assert adam["val_accuracy.mean"] == pytest.approx(0.8)
+    assert adam["val_accuracy.std"] == pytest.approx(np.std([0.9, 0.8, 0.7], ddof=1))
+    assert adam["test_accuracy.mean"] == pytest.approx(0.7)  # the test split's column beside it
     assert adam["seeds"] == 3 and adam["switched_seeds"] == 0
     assert table.set_index("method").loc["fuse_pv", "switch_epoch.mean"] == 1.0
     text = comparison_markdown(table)
-    assert "| `fuse_pv` | 3 | 0.9300 ± 0.0200 |" in text and "| `adam` | 3 | 0.8000 ± 0.1000 |" in text
+    assert "| `fuse_pv` | 3 | 0.9300 ± 0.0200 | 0.8300 ± 0.0200 |" in text
+    assert "| `adam` | 3 | 0.8000 ± 0.1000 | 0.7000 ± 0.1000 |" in text
+    assert "| method | seeds | validation accuracy | test accuracy | final train loss |" in text
 
     paired = paired_differences(pd.DataFrame(rows), "fuse_pv", "test_accuracy").set_index("method")
     diffs = np.array([0.95, 0.93, 0.91]) - np.array([0.9, 0.8, 0.7])  # seed by seed
@@ -131,7 +134,8 @@ def test_compare_tunes_reruns_on_paired_seeds_and_resumes(tmp_path):
     tuned = next(t for t in runs.trials if t.tags["fuse.optimizer"] == "fuse_pv")
     assert tuned.tags["fuse.tuning_study"] == "tiny_cmp-fuse_pv"
     tuning = read_experiment("tiny_cmp-fuse_pv", uri)
-    best = max(tuning.trials, key=lambda t: t.summary["objective.test_accuracy"])
+    best = max(tuning.trials, key=lambda t: t.summary["objective.val_accuracy"])
+    assert not any(key.startswith("test_") for t in tuning.trials for key in t.summary)  # tuning never saw test
     assert tuned.params["lr"] == best.params["lr"]  # the best tuning trial's configuration is the one rerun
 
     # Each rerun is exactly the training run of its configuration on that seed.
@@ -146,7 +150,7 @@ def test_compare_tunes_reruns_on_paired_seeds_and_resumes(tmp_path):
                                           epochs=2, seed=seed, batch_size=128, threads=1))
             logged = table[(table["run_id"] == trial.run_id) & (table["seed"] == seed)
                            & (table["metric"] == "test_accuracy") & (table["epoch"] == 1)]["value"]
-            assert float(logged.iloc[0]) == pytest.approx(reference.final.test_accuracy, abs=1e-12)
+            assert float(logged.iloc[0]) == pytest.approx(reference.final.scores["test_accuracy"], abs=1e-12)
 
     again = fuse_tune(*args, cwd=tmp_path)  # resumes: nothing is trained or logged twice
     assert again.returncode == 0, again.stderr[-2000:]

@@ -184,10 +184,10 @@ def test_mlflow_nesting(tracked):
         assert child.data.tags["fuse.switch_epoch"] == "1" and child.data.tags["fuse.state"] == "complete"
         assert child.data.tags["fuse.criterion"] == "epoch"
         assert {"lr", "history_size", "switch.criterion", "switch.epoch", "batch_size"} <= set(child.data.params)
-        for key in ("train_loss", "test_accuracy", "train_loss/seed_0", "test_accuracy/seed_0"):
+        for key in ("train_loss", "val_accuracy", "train_loss/seed_0", "val_accuracy/seed_0"):
             history = client.get_metric_history(child.info.run_id, key)
             assert sorted(m.step for m in history) == [0, 1], key
-        assert "objective.test_accuracy" in child.data.metrics
+        assert "objective.val_accuracy" in child.data.metrics
     # each Optuna trial points at its MLflow run
     study = optuna_backend.prepare_study(load_spec(tracked["path"]), f"journal:{tracked['journal']}")
     assert {t.system_attrs["fuse.mlflow_run_id"] for t in study.trials} == {r.info.run_id for r in children}

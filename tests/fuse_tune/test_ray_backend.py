@@ -46,7 +46,7 @@ def write_study(directory: Path, name: str, *, epochs: int = 2, seeds: str = "[0
     """A tiny FUSE-PV study on digits-logreg that switches to L-BFGS after epoch 1."""
     lines = [f"name: {name}", "workload: digits-logreg", "optimizer: fuse_pv", f"epochs: {epochs}", f"seeds: {seeds}",
              "fixed:", "  batch_size: 64", "  switch: {criterion: epoch, epoch: 1}", "search:",
-             *(f"  {line}" for line in search), "objective: {metric: test_accuracy}", f"budget: {{trials: {trials}}}",
+             *(f"  {line}" for line in search), "objective: {metric: val_accuracy}", f"budget: {{trials: {trials}}}",
              "sampler: {name: tpe, seed: 0, n_startup_trials: 2}", f"pruner: {pruner}", f"resources: {resources}"]
     path = directory / f"{name}.yaml"
     path.write_text("\n".join(lines) + "\n")
@@ -142,7 +142,7 @@ def test_restored_checkpoints_continue_exactly(tmp_path):
     ctx = RayContext(spec=spec, tracking_uri=None, parent_run_id=None, experiment_id="test", threads=1, device="cpu")
     config = {"lr": 0.01, "history_size": 5, TRIAL_KEY: 0}
     keys = ("objective", "step", "seeds", "epoch", "epoch/train_loss", "epoch/batch_loss", "epoch/test_loss",
-            "epoch/test_accuracy", "epoch/grad_sq_norm", "epoch/grad_evals", "epoch/samples", "epoch/phase_second",
+            "epoch/val_accuracy", "epoch/grad_sq_norm", "epoch/grad_evals", "epoch/samples", "epoch/phase_second",
             "epoch/switch_epoch", "epoch/batch_size")
 
     def collect(into: list, snapshots: list | None = None):
@@ -277,7 +277,7 @@ def test_study_with_asha_runs_through_the_cli_and_nests_mlflow_runs(tmp_path, lo
 
     client = MlflowClient(tracking_uri=uri)
     for child in children:  # every epoch it ran, on both seeds (they advance together), logged once, step = epoch
-        steps = [[m.step for m in client.get_metric_history(child.info.run_id, f"test_accuracy/seed_{seed}")]
+        steps = [[m.step for m in client.get_metric_history(child.info.run_id, f"val_accuracy/seed_{seed}")]
                  for seed in (0, 1)]
         complete = child.data.tags["fuse.state"] == "complete"
         assert steps == ([[0, 1], [0, 1]] if complete else [[0], [0]]), (child.data.tags["fuse.state"], steps)

@@ -93,7 +93,7 @@ def test_dashboards_read_the_switch_epochs_the_trackers_write():
 def test_per_seed_keys_round_trip():
     key = per_seed_key(records.Metrics.SWITCH_EPOCH, 12)
     assert key == "switch_epoch/seed_12" and parse_per_seed_key(key) == ("switch_epoch", 12)
-    assert parse_per_seed_key("objective.test_accuracy") is None
+    assert parse_per_seed_key("objective.val_accuracy") is None
 
 
 def test_directions():
@@ -212,12 +212,12 @@ def test_trials_tables_and_comparisons_share_the_seed_std():
 
     assert tables.seed_std is records.seed_std
     rows = [{"study": "c", "workload": "w", "optimizer": method, "trial": 0, "run_id": method, "variant": method,
-             "criterion": "", "state": "complete", "seed": seed, "switch_epoch": math.nan, "metric": "test_accuracy",
-             "epoch": 0, "value": value, "objective": "test_accuracy"}
+             "criterion": "", "state": "complete", "seed": seed, "switch_epoch": math.nan, "metric": "val_accuracy",
+             "epoch": 0, "value": value, "objective": "val_accuracy"}
             for method, values in (("fuse_pv", [0.9, 0.8, 0.95]), ("adam", [0.85, 0.8, 0.9]))
             for seed, value in enumerate(values)]
     table = tables.comparison_table(pd.DataFrame(rows)).set_index("method")
-    assert table.loc["fuse_pv", "test_accuracy.std"] == records.seed_std([0.9, 0.8, 0.95])
+    assert table.loc["fuse_pv", "val_accuracy.std"] == records.seed_std([0.9, 0.8, 0.95])
 
 
 @pytest.mark.parametrize(("value", "shown"), [(256.0, "256"), (0.00123456, "0.001235"), (3, "3"), ("tpe", "tpe"),

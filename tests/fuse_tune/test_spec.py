@@ -86,7 +86,8 @@ def test_the_criterion_ablation_searches_each_criterion_with_its_own_threshold()
     assert by_name["switch.epoch"].type == "int"
     assert by_name["switch.zeta"].log and by_name["switch.sigma"].log
     assert spec.sampler == {"name": "random", "seed": spec.sampler["seed"]} and spec.pruner["name"] == "median"
-    assert spec.objective.metric == "test_accuracy" and 25 <= spec.trials <= 40
+    assert spec.objective.metric == "val_accuracy" and spec.objective.direction == "maximize"
+    assert 25 <= spec.trials <= 40
     assert spec.workload in ("digits-mlp", "digits-logreg") and spec.optimizer == "fuse_pv"
 
 
@@ -176,11 +177,11 @@ def test_fingerprint_is_stable_and_tracks_the_search_space(tmp_path):
     fingerprint = load_spec(first).fingerprint()
     assert len(fingerprint) == 16 and fingerprint == load_spec(first).fingerprint()
     assert load_spec(second).fingerprint() == fingerprint
-    assert parse_spec(raw()).fingerprint() == fingerprint
+    assert check_spec(parse_spec(raw())).fingerprint() == fingerprint  # the objective resolved as load_spec does
     # the budget, the sampler, the pruner, the storage and the description do not define the search
     same = raw(budget={"trials": 99}, sampler={"name": "random", "seed": 3}, pruner={"name": "none"},
                storage="sqlite:///x.db", description="other words")
-    assert parse_spec(same).fingerprint() == fingerprint
+    assert check_spec(parse_spec(same)).fingerprint() == fingerprint
     changed = [
         raw(search=dict(RAW["search"], history_size={"type": "int", "low": 3, "high": 21})),
         raw(search=dict(RAW["search"], history_size={"type": "int", "low": 3, "high": 20, "log": True})),

@@ -39,7 +39,7 @@ search:
   switch.criterion: {{type: categorical, choices: [epoch, grad_norm]}}
   switch.epoch: {{type: int, low: 1, high: {last_epoch}, when: {{switch.criterion: epoch}}}}
   switch.zeta: {{type: float, low: 1.0e-3, high: 1.0, log: true, when: {{switch.criterion: grad_norm}}}}
-objective: {{metric: test_accuracy}}
+objective: {{metric: val_accuracy}}
 budget: {{trials: 4}}
 sampler: {{name: random, seed: 7}}
 pruner: {{name: none}}
@@ -185,10 +185,10 @@ def test_workers_starting_together_on_an_empty_postgres_database(postgres_server
     """Workers that open a fresh database at the same moment race to create Optuna's tables and the study, and
     to tag it with its fingerprint: every one of them must get the study (threads here, so the race is tight)."""
     from fuse_tune.optuna_backend import prepare_study
-    from fuse_tune.spec import read_spec
+    from fuse_tune.trial import load_spec
 
     url = postgres_server.new_database()
-    spec = read_spec(write_study(tmp_path, "pg-together"))
+    spec = load_spec(write_study(tmp_path, "pg-together"))
     barrier = threading.Barrier(4)
     outcomes: list[str] = []
 
@@ -256,12 +256,12 @@ def test_mlflow_server_gets_a_parent_run_and_one_child_per_trial(mlflow_server, 
         assert params["switch.criterion"] in ("epoch", "grad_norm")
         assert ("switch.epoch" in params) == (params["switch.criterion"] == "epoch")
         assert params["batch_size"] == "64"
-        history = client.get_metric_history(run_id, "test_accuracy/seed_0")
+        history = client.get_metric_history(run_id, "val_accuracy/seed_0")
         assert sorted(m.step for m in history) == [0, 1]
         assert all(0.0 <= m.value <= 1.0 for m in history)
         final = max(history, key=lambda m: m.step).value
-        assert child.data.metrics["objective.test_accuracy"] == pytest.approx(final)
-        assert sorted(m.step for m in client.get_metric_history(run_id, "test_accuracy")) == [0, 1]
+        assert child.data.metrics["objective.val_accuracy"] == pytest.approx(final)
+        assert sorted(m.step for m in client.get_metric_history(run_id, "val_accuracy")) == [0, 1]
 
 
 # ------------------------------------------------------------------ SIGKILL and resume

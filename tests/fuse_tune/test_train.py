@@ -20,6 +20,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+#: digits' training split: 1,347 less the 224 samples held out for validation
+N_TRAIN = 1123
+
+
 def digits(optimizer: str, **kwargs) -> TrainConfig:
     return TrainConfig(workload="digits-logreg", optimizer=optimizer, **kwargs)
 
@@ -29,16 +33,17 @@ def test_fuse_pv_switches_at_the_middle_epoch_by_default_and_reports_it():
     phases = [m.phase for m in result.history]
     assert phases == ["adam", "adam", "lbfgs", "lbfgs"]
     assert result.final.switch_epoch == 2
-    assert result.final.switch_step == 2 * math.ceil(1347 / 64)
+    assert result.final.switch_step == 2 * math.ceil(N_TRAIN / 64)
     assert "epoch" in result.final.switch_reason
     # Adam: one closure call per step; L-BFGS: at least two (x_k and one line-search trial).
     adam_epoch = result.history[1]
-    assert adam_epoch.grad_evals == adam_epoch.steps == 2 * 22
+    assert adam_epoch.grad_evals == adam_epoch.steps == 2 * math.ceil(N_TRAIN / 64)
     lbfgs_calls = result.final.grad_evals - adam_epoch.grad_evals
     assert lbfgs_calls >= 2 * (result.final.steps - adam_epoch.steps)
-    assert result.final.samples > result.final.grad_evals * 40  # batch 64, last batch 3 samples
+    assert result.final.samples > result.final.grad_evals * 40  # batch 64, last batch 35 samples
     assert result.final.train_loss < result.history[0].train_loss
-    assert 0.8 < result.final.test_accuracy <= 1.0
+    assert 0.8 < result.final.scores["test_accuracy"] <= 1.0 and 0.8 < result.final.scores["val_accuracy"] <= 1.0
+    assert result.final.val_loss is not None and result.final.test_loss is not None
 
 
 def test_batch_size_changes_at_the_switch_and_samples_are_counted():
@@ -46,8 +51,8 @@ def test_batch_size_changes_at_the_switch_and_samples_are_counted():
                           optimizer_args={"switch": {"criterion": "epoch", "epoch": 1}}))
     first, second = result.history
     assert first.batch_size == 64 and second.batch_size == 512
-    assert second.steps - first.steps == math.ceil(1347 / 512)
-    assert first.samples == 1347
+    assert second.steps - first.steps == math.ceil(N_TRAIN / 512)
+    assert first.samples == N_TRAIN
     # every closure call of the second epoch sees a full 512 batch except the last step's
     assert second.samples - first.samples > 512 * (second.grad_evals - first.grad_evals - 10)
 
@@ -66,12 +71,13 @@ def test_mean_squared_gradient_norm_matches_a_hand_computation():
 
     result = train(digits("sgd", epochs=1, optimizer_args={"lr": 0.0}, seed=1))
     instance = build_supervised("digits-logreg", seed=1)
-    perm = torch.randperm(1347, generator=torch.Generator().manual_seed(1))
+    perm = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(1))
     values = []
-    for i in range(0, 1347, 64):
+    for i in range(0, N_TRAIN, 64):
         idx = perm[i:i + 64]
         instance.model.zero_grad()
-        instance.loss_fn(instance.model, instance.data.train_x[idx], instance.data.train_y[idx]).backward()
+        inputs, targets = instance.problem.train
+        instance.loss_fn(instance.model, inputs[idx], targets[idx]).backward()
         values.append(sum(float(p.grad.pow(2).sum()) for p in instance.model.parameters()))
     assert result.final.grad_sq_norm == pytest.approx(sum(values) / len(values), rel=1e-5)
 

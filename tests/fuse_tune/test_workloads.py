@@ -12,7 +12,6 @@ import torch
 from fuse_optim.test_functions import get_test_function
 from fuse_tune.workloads import (
     WORKLOADS,
-    CrossEntropyWithL2,
     DatasetNotFound,
     Workload,
     add_gradient_noise,
@@ -59,7 +58,7 @@ def test_every_workload_builds_or_names_its_missing_data(tmp_path: Path, name: s
         assert instance.module.x.tolist() == list(get_test_function(workload.function).default_start(2))
     elif workload.dataset in BUNDLED_DATASETS:
         instance = build_supervised(workload, data_dir=tmp_path, seed=0)
-        batch_x, batch_y = instance.data.train_x[:64], instance.data.train_y[:64]
+        batch_x, batch_y = instance.problem.train[0][:64], instance.problem.train[1][:64]
         loss = instance.loss_fn(instance.model, batch_x, batch_y)
         assert loss.ndim == 0 and torch.isfinite(loss)
         loss.backward()
@@ -96,7 +95,7 @@ def test_paired_seeding_gives_identical_initial_weights(name: str) -> None:
 def test_logistic_regression_loss_folds_in_l2_on_weights_only() -> None:
     instance = build_supervised("digits-logreg", seed=0)
     assert instance.options["l2"] == 1e-3
-    model, x, y = instance.model, instance.data.train_x, instance.data.train_y
+    model, (x, y) = instance.model, instance.problem.train
     weight = model[1].weight
     expected = torch.nn.functional.cross_entropy(model(x), y) + 0.5 * 1e-3 * weight.pow(2).sum()
     assert torch.allclose(instance.loss_fn(model, x, y), expected)
@@ -108,8 +107,8 @@ def test_logistic_regression_loss_folds_in_l2_on_weights_only() -> None:
 def test_supervised_options_override_model_defaults() -> None:
     instance = build_supervised("digits-mlp", seed=0, hidden_sizes=(16,))
     assert instance.options["hidden_sizes"] == (16,)
-    assert instance.model(instance.data.test_x[:3]).shape == (3, 10)
-    assert instance.data.train_x.dtype == torch.float32
+    assert instance.model(instance.problem.test[0][:3]).shape == (3, 10)
+    assert instance.problem.train[0].dtype == torch.float32 and instance.problem.validation[0].dtype == torch.float32
 
 
 @pytest.mark.parametrize(
@@ -134,7 +133,7 @@ def test_supervised_options_override_model_defaults() -> None:
         (lambda: build_function("rosenbrock", seed=0, start=(0.0,)), "start: expected 2 coordinates"),
         (lambda: build_function("rosenbrock", seed=0, noise=-0.1), "noise: expected a finite number >= 0"),
         (lambda: build_function("rosenbrock", seed=0, l2=0.1), "l2: not an option.*accepted: dim, dtype"),
-        (lambda: Workload("x", "function", "d", function="sphere"), "x: a function workload needs"),
+        (lambda: Workload("x", "quadrature", "d", build=print), "kind: expected 'function' or 'supervised'"),
     ],
 )
 def test_bad_names_and_options_raise_one_line_value_errors(call, match: str) -> None:
@@ -177,9 +176,7 @@ def test_gradient_noise_has_the_requested_scale() -> None:
 
 def test_loss_function_is_reusable_in_chunks() -> None:
     instance = build_supervised("digits-logreg", seed=0)
-    loss_fn: CrossEntropyWithL2 = instance.loss_fn
-    x, y, model = instance.data.train_x, instance.data.train_y, instance.model
-    chunked = sum(
-        loss_fn.data_loss(model(xc), yc) * len(yc) for xc, yc in zip(x.split(500), y.split(500), strict=True)
-    )
-    assert torch.allclose(chunked / len(y) + loss_fn.penalty(model), loss_fn(model, x, y), atol=1e-6)
+    problem = instance.problem
+    (x, y), model = problem.train, instance.model
+    chunked = sum(problem.loss(model(xc), yc) * len(yc) for xc, yc in zip(x.split(500), y.split(500), strict=True))
+    assert torch.allclose(chunked / len(y) + problem.penalty(model), instance.loss_fn(model, x, y), atol=1e-6)
