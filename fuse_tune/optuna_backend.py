@@ -170,7 +170,28 @@ def _fail_dead_local_trials(study: Any, tracker: Any = None, *, interrupted: boo
             study.enqueue_trial(trial.params, user_attrs={OptunaAttrs.RETRY_OF: trial.number})
         _end_killed_run(tracker, attrs.get(OptunaAttrs.MLFLOW_RUN_ID), reason)
         failed += 1
+    _end_runs_of_failed_trials(study, tracker)
     return failed
+
+
+#: (study, trial number) of failed trials whose MLflow run this process has already seen ended
+_RUNS_SEEN_ENDED: set[tuple[str, int]] = set()
+
+
+def _end_runs_of_failed_trials(study: Any, tracker: Any) -> None:
+    """End the still-RUNNING MLflow run of every FAIL trial (``failed``, ``KILLED``): trials another host's worker
+    held when it died, which Optuna's heartbeat failed (PostgreSQL storage). A live worker ends its trial's run
+    before it tells Optuna the trial failed, so a FAIL trial's run that still runs has no one left to end it."""
+    if tracker is None or not hasattr(tracker, "trial_run"):
+        return
+    for trial in study.get_trials(deepcopy=False, states=(_states().FAIL,)):
+        key = (study.study_name, trial.number)
+        run_id = trial.system_attrs.get(OptunaAttrs.MLFLOW_RUN_ID)
+        if run_id is None or key in _RUNS_SEEN_ENDED:
+            continue
+        _end_killed_run(tracker, run_id, trial.system_attrs.get(OptunaAttrs.FAIL_REASON) or
+                        "failed (its worker stopped sending heartbeats)")
+        _RUNS_SEEN_ENDED.add(key)
 
 
 def _end_killed_run(tracker: Any, run_id: str | None, reason: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from fuse_tune.records import redact, short_value
 
-__all__ = ["TrialRow", "StudySummaryBase", "summary_lines"]
+__all__ = ["TrialRow", "StudySummaryBase", "summary_lines", "runs_table_url"]
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,33 @@ class StudySummaryBase:
                  "switch_epochs": row.switch_epochs, "params": row.params or {}} for row in complete[:limit]]
 
     def mlflow_lines(self) -> list[str]:
-        return [f"browse the runs: mlflow ui --backend-store-uri {redact(self.tracking_uri)}"] if self.tracking_uri \
-            else []
+        """How to browse the runs: the ``mlflow ui`` command for a local store, and the runs table's address."""
+        if not self.tracking_uri:
+            return []
+        served = self.tracking_uri.startswith(("http://", "https://"))
+        lines = [] if served else [f"browse the runs: mlflow ui --backend-store-uri {redact(self.tracking_uri)}"]
+        experiment_id = self._experiment_id()
+        if experiment_id is not None:
+            base = self.tracking_uri if served else "http://127.0.0.1:5000"
+            lines.append(f"{'browse the runs' if served else 'then open'}: {runs_table_url(base, experiment_id)}")
+        return lines
+
+    def _experiment_id(self) -> str | None:
+        if not self.parent_run_id:
+            return None
+        try:
+            from mlflow.tracking import MlflowClient
+
+            return MlflowClient(self.tracking_uri).get_run(self.parent_run_id).info.experiment_id
+        except Exception:  # the summary must not fail on a tracking store that went away
+            return None
+
+
+def runs_table_url(ui: str, experiment_id: str) -> str:
+    """The MLflow UI's runs table of an experiment. MLflow 3's UI keeps its GenAI / model-training switch in the
+    browser (``localStorage``, GenAI by default) whatever the experiment's ``mlflow.experimentKind``: a fresh browser
+    would open on the GenAI traces overview, so the address asks for the model-training view explicitly."""
+    return f"{redact(ui).rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def summary_lines(spec: Any, summary: StudySummaryBase) -> list[str]:

@@ -343,6 +343,7 @@ class Trainer:
         optimizer.step(self.counter.wrap(closure, int(targets.shape[0]), record))
         self.steps += 1
 
+    @torch.no_grad()
     def _evaluate(self) -> tuple[float, float, float | None, dict[str, float]]:
         """Training objective, validation and test objective, and the metric on validation and test (untimed)."""
         problem, chunk = self.problem, self.config.eval_batch_size

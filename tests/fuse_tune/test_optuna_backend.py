@@ -223,6 +223,28 @@ def test_a_killed_workers_trial_is_failed_and_its_parameters_retried(tmp_path):
     assert states(alive) == {"FAIL": 1, "COMPLETE": 2}
 
 
+def test_the_run_of_a_trial_failed_elsewhere_is_ended_killed(tmp_path):
+    """A trial that Optuna failed for its worker (a missed heartbeat on PostgreSQL: a worker on another host died)
+    leaves its MLflow run RUNNING; the next worker to look ends it KILLED with the failed state."""
+    from optuna.trial import TrialState
+
+    from fuse_tune.tracking import MlflowTracker
+
+    spec = load_spec(write_study(tmp_path))
+    study = prepare_study(spec, resolve_storage_url(f"journal:{tmp_path / 'j.log'}"))
+    tracker = MlflowTracker(f"sqlite:///{tmp_path / 'm.db'}", experiment=spec.name)
+    orphan = study.ask()
+    run_ = tracker.start_trial(None, "tiny-trial-0", {"lr": 0.01}, {"fuse.trial": 0})
+    study._storage.set_trial_system_attr(orphan._trial_id, "fuse.mlflow_run_id", run_.run_id)
+    study._storage.set_trial_system_attr(orphan._trial_id, "fuse.host", "another-host")
+    study._storage.set_trial_state_values(orphan._trial_id, TrialState.FAIL)  # what fail_stale_trials does
+    assert tracker.client.get_run(run_.run_id).info.status == "RUNNING"
+
+    optuna_backend._fail_dead_local_trials(study, tracker)
+    ended = tracker.client.get_run(run_.run_id)
+    assert ended.info.status == "KILLED" and ended.data.tags["fuse.state"] == "failed"
+
+
 def test_a_setting_that_always_fails_stops_the_worker_instead_of_spinning(tmp_path, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise RuntimeError("cannot train this")

@@ -220,10 +220,13 @@ def test_mlflow_server_gets_a_parent_run_and_one_child_per_trial(mlflow_server, 
 
     n_trials, name = 3, "mlflow-http"
     study_file = write_study(tmp_path, name)
-    run(tmp_path, str(study_file), "--mlflow-uri", mlflow_server.uri, "--n-trials", str(n_trials))
+    done = run(tmp_path, str(study_file), "--mlflow-uri", mlflow_server.uri, "--n-trials", str(n_trials))
 
     client = MlflowClient(mlflow_server.uri)
     experiment = client.get_experiment_by_name(name)
+    runs_table = (f"{mlflow_server.uri}/#/experiments/{experiment.experiment_id}/runs"
+                  f"?workflowType=machine_learning")
+    assert f"browse the runs: {runs_table}" in done.stdout
     assert experiment is not None
     assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"  # the UI opens on runs
     runs = client.search_runs([experiment.experiment_id], max_results=100)
@@ -262,6 +265,17 @@ def test_mlflow_server_gets_a_parent_run_and_one_child_per_trial(mlflow_server, 
         final = max(history, key=lambda m: m.step).value
         assert child.data.metrics["objective.val_accuracy"] == pytest.approx(final)
         assert sorted(m.step for m in client.get_metric_history(run_id, "val_accuracy")) == [0, 1]
+
+    # The address printed opens MLflow 3's UI on the runs table in the model-training view, in a fresh browser
+    # (whose GenAI/model-training switch defaults to GenAI, which would open on the traces overview).
+    from tests.dashboards.chromium import find_chromium, inspect_page
+
+    if find_chromium() is None:
+        pytest.skip("chromium is not installed")
+    page = inspect_page(runs_table, wait_for_text=f"{1 + n_trials} matching runs", timeout=60)
+    assert f"{1 + n_trials} matching runs" in page.text and name in page.text
+    assert "Run Name" in page.text and "Model registry" in page.text  # the runs table, model-training sidebar
+    assert "Observability" not in page.text and "Token Usage" not in page.text  # not the GenAI overview
 
 
 # ------------------------------------------------------------------ SIGKILL and resume
