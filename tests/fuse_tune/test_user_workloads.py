@@ -414,3 +414,69 @@ def test_cli_train_of_a_script_file_module_runs_in_a_fresh_process(tmp_path: Pat
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert textwrap.dedent("  final train loss") in done.stdout
+
+
+NOTEBOOK = '''
+import json, sys
+import torch
+from torch import nn
+import fuse_tune
+
+def build(*, width: int = 4) -> fuse_tune.Problem:   # defined in __main__, as in a notebook: not importable
+    x = torch.linspace(-1, 1, 60).unsqueeze(1)
+    return fuse_tune.Problem(model=nn.Sequential(nn.Linear(1, width), nn.Tanh(), nn.Linear(width, 1)),
+                             loss=nn.MSELoss(), metric=fuse_tune.MSE,
+                             train=(x[::2], x[::2] ** 2), validation=(x[1::2], x[1::2] ** 2))
+
+study = {"name": "notebook_ray", "optimizer": "fuse_pv", "epochs": 2, "seeds": [0],
+         "fixed": {"batch_size": 10, "switch": {"criterion": "epoch", "epoch": 1}},
+         "search": {"width": {"type": "categorical", "choices": [2, 4]}}, "budget": {"trials": 2},
+         "sampler": {"name": "grid"}, "pruner": {"name": "none"}}
+result = fuse_tune.run_study(study, workload=build, backend="ray", storage=sys.argv[1], mlflow_uri=sys.argv[2])
+print(json.dumps({"states": [row["state"] for row in result.trials], "best": result.best["params"],
+                  "metric": result.spec.objective.metric}))
+'''
+
+
+def test_the_api_ships_a_notebook_builder_to_ray_workers(tmp_path: Path) -> None:
+    """Ray's workers are other processes: a builder from __main__ reaches them by value (cloudpickle) and every
+    trial completes, with its MLflow child run."""
+    pytest.importorskip("ray")
+    import json
+    import os
+
+    import mlflow
+
+    script = tmp_path / "notebook.py"
+    script.write_text(NOTEBOOK)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"})
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "ray_results"), uri], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["states"] == ["COMPLETE", "COMPLETE"] and outcome["metric"] == "val_mse"
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("notebook_ray").experiment_id])
+    children = [r for r in runs if r.data.tags.get("fuse.role") == "trial"]
+    assert len(children) == 2 and all(r.info.status == "FINISHED" and "val_mse/seed_0" in r.data.metrics
+                                      for r in children)
+
+
+def test_a_comparison_of_a_users_workload_selects_on_validation_and_reports_test(project: Path) -> None:
+    comparison = {"name": "cmp_user", "workload": "user_models:regression", "epochs": 2,
+                  "fixed": {"batch_size": 50}, "tuning": {"trials": 2, "seeds": [0], "sampler": {"name": "random",
+                                                                                               "seed": 0}},
+                  "rerun": {"seeds": [1, 2]},
+                  "methods": {"adam": {"search": {"lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}}},
+                              "fuse_pv": {"fixed": {"lr": 0.01, "switch": {"criterion": "epoch", "epoch": 1}}}}}
+    (project / "cmp.yaml").write_text(yaml.safe_dump(comparison, sort_keys=False))
+    done = subprocess.run([FUSE_TUNE, "compare", "cmp.yaml", "--mlflow-uri", f"sqlite:///{project / 'm.db'}",
+                           "--storage", f"journal:{project / 'j.log'}", "--out", "out", "--threads", "1", "--quiet"],
+                          cwd=project, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    header = "| method | seeds | validation mse | test mse | final train loss |"
+    assert header in done.stdout and "final test_mse" in done.stdout  # the paired comparison on the test split
+    written = yaml.safe_load((project / "out" / "studies" / "cmp_user-adam.yaml").read_text())
+    assert written["workload_path"] == [str(project)]  # the comparison file's folder, not out/studies
