@@ -147,7 +147,11 @@ def run_study(study: Mapping[str, Any] | str | os.PathLike[str], *, workload: Ca
     # for 90 s and more, and the study's dry run below imports torch.
     check_tracking_server(tracking)
     if backend == "ray" and (address or os.environ.get("RAY_ADDRESS")):
-        check_cluster_address(address or os.environ["RAY_ADDRESS"], "--address" if address else "RAY_ADDRESS")
+        flag = "--address" if address else "RAY_ADDRESS"
+        check_cluster_address(address or os.environ["RAY_ADDRESS"], flag)
+        from fuse_tune.ray_backend.resources import check_ray_cluster
+
+        check_ray_cluster(address or os.environ["RAY_ADDRESS"], flag)  # what answers there is Ray's GCS
     from fuse_tune.spec import SpecError
     from fuse_tune.trial import check_spec
 

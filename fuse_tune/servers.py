@@ -23,8 +23,9 @@ def check_tracking_server(uri: str | None, timeout: float = SERVER_CHECK_TIMEOUT
 
     MLflow's client retries a server it cannot reach for minutes, silently; one request to the server's
     ``/health`` endpoint up front says at once that the URL is wrong or the server down. An HTTP answer other than
-    a server error (5xx, which MLflow would retry too) counts as reachable: a proxy or an auth layer in front of
-    the server may answer ``/health`` itself, and MLflow reports its own errors quickly."""
+    a server error (5xx, which MLflow would retry too) or a 404 (every MLflow server has ``/health``: something
+    else answers) counts as reachable: a proxy or an auth layer in front of the server may answer ``/health``
+    itself (401, 403), and MLflow reports its own errors quickly."""
     if not uri or not uri.lower().startswith(("http://", "https://")):
         return
     import urllib.error
@@ -39,9 +40,10 @@ def check_tracking_server(uri: str | None, timeout: float = SERVER_CHECK_TIMEOUT
         with urllib.request.urlopen(health, timeout=timeout):
             return
     except urllib.error.HTTPError as exc:
-        if exc.code < 500:
+        if exc.code < 500 and exc.code != 404:
             return
-        problem = f"HTTP {exc.code} from /health"
+        problem = f"HTTP {exc.code} from /health" + (": something answers there, but not MLflow" if exc.code == 404
+                                                     else "")
     except urllib.error.URLError as exc:
         reason = exc.reason
         problem = reason if isinstance(reason, str) else f"{type(reason).__name__}: {reason}"

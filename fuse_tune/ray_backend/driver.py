@@ -22,6 +22,7 @@ from fuse_tune.ray_backend.resources import (
     capacity,
     check_cluster_address,
     check_local_resources,
+    check_ray_cluster,
     check_resources,
     import_ray,
     local_cores,
@@ -387,6 +388,8 @@ def run_ray_study(spec: StudySpec, *, n_trials: int | None = None, n_jobs: int |
     flag = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or None
     check_cluster_address(address, flag)  # seconds, not Ray's 90 s of connection warnings
+    if address:
+        check_ray_cluster(address, flag)  # and what answers there is Ray's GCS (fuse_tune.run_study checked both)
     request = spec.resources
     if not address:  # refuse before starting anything: the local Ray would get these resources
         check_local_resources(request)

@@ -21,7 +21,7 @@ from fuse_tune.storage import resolve_tracking_uri
 
 __all__ = ["DEFAULT_RAY_STORAGE", "ResourceError", "import_ray", "resolve_tracking_uri", "resolve_storage_path",
            "absolute_spec", "check_resources", "check_local_resources", "capacity", "local_cores", "alive_nodes",
-           "check_cluster_address", "CLUSTER_CHECK_TIMEOUT"]
+           "check_cluster_address", "CLUSTER_CHECK_TIMEOUT", "check_ray_cluster"]
 
 DEFAULT_RAY_STORAGE = "ray_results"
 
@@ -124,3 +124,48 @@ def check_local_resources(request: Mapping[str, float]) -> None:
 
     check_resources(request, [{"CPU": float(local_cores()), "GPU": float(torch.cuda.device_count())}],
                     "this machine")
+
+
+# ------------------------------------------------------------------ the cluster answers as Ray
+
+
+def check_ray_cluster(address: str, flag: str = "--address", timeout: float = CLUSTER_CHECK_TIMEOUT) -> None:
+    """A one-line :class:`UserError` within about ``timeout`` seconds when what accepts TCP connections at
+    ``address`` is not a Ray cluster's GCS: one read of its key-value store, with a deadline.
+
+    :func:`check_cluster_address` only connects; a port that something else listens on (another service, a proxy
+    that accepts every connection) passes it, and ``ray.init`` would then retry for 40 s and more. A GCS that
+    refuses the call for want of an authentication token is a Ray cluster (``ray.init`` says what to set)."""
+    import subprocess
+    import sys
+
+    target = address.split("://", 1)[1] if "://" in address else address
+    if address in ("auto", "local") or ":" not in target or address.startswith("ray://"):
+        return  # resolved by Ray itself, or a Ray Client server (not a GCS)
+    # In a child process: Ray's C++ client logs to stderr and may block past its own deadline; a child is quiet
+    # (its output is read, not shown) and can be killed.
+    try:
+        done = subprocess.run([sys.executable, "-c", _GCS_PROBE, target, str(timeout)], capture_output=True,
+                              text=True, timeout=timeout + 10.0, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{flag} {address}: no Ray cluster answers at {target} within {timeout:g} s (something "
+                        f"accepts connections there, but not as Ray's GCS); fix the address or start the cluster"
+                        ) from None
+    verdict = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else f"error: exit {done.returncode}"
+    if verdict in ("ok", "auth"):
+        return
+    raise UserError(f"{flag} {address}: what answers at {target} is not a Ray cluster ({verdict[7:207]}); fix the "
+                    f"address (the head's GCS port, 6379 by default)")
+
+
+#: the child process of :func:`check_ray_cluster`: one read of the GCS key-value store; prints ok | auth | error: ...
+_GCS_PROBE = """
+import sys
+try:
+    from ray._raylet import GcsClient
+    GcsClient(address=sys.argv[1]).internal_kv_get(b"session_name", namespace=None, timeout=float(sys.argv[2]))
+    print("ok")
+except Exception as exc:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    print("auth" if "auth" in type(exc).__name__.lower() else "error: " + text)
+"""

@@ -145,3 +145,59 @@ def test_check_tracking_server_passes_what_is_not_a_server_and_answers_in_second
         with pytest.raises(UserError, match=rf"^--mlflow-uri http://u:\*\*\*@127.0.0.1:{port}: no MLflow tracking"):
             check_tracking_server(f"http://u:pw@127.0.0.1:{port}", timeout=2)
     assert time.monotonic() - started < 5
+
+
+class _Answering:
+    """A local HTTP server that answers every GET with ``status`` (what a wrong port or a proxy may be)."""
+
+    def __init__(self, status: int) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _Answering:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_check_tracking_server_refuses_what_answers_but_is_not_mlflow():
+    """Every MLflow server has /health: a 404 there is another service (MLflow's client would then fail with a
+    traceback on its first call); 401 and 403 are an auth layer in front of a server, which passes."""
+    from fuse_tune.tracking import check_tracking_server
+
+    with _Answering(404) as other:
+        with pytest.raises(UserError, match="HTTP 404 from /health: something answers there, but not MLflow"):
+            check_tracking_server(f"http://127.0.0.1:{other.port}", timeout=2)
+    with _Answering(401) as guarded:
+        check_tracking_server(f"http://127.0.0.1:{guarded.port}", timeout=2)
+
+
+def test_check_ray_cluster_refuses_what_answers_but_is_not_ray():
+    """A port that accepts connections but is not a Ray GCS (here an HTTP server): one line within seconds, where
+    ray.init would retry for 40 s and more."""
+    import time
+
+    pytest.importorskip("ray")
+    from fuse_tune.ray_backend.resources import check_ray_cluster
+
+    with _Answering(200) as other:
+        started = time.monotonic()
+        with pytest.raises(UserError, match=rf"^--address 127.0.0.1:{other.port}: (what answers .* is not a Ray "
+                                            rf"cluster|no Ray cluster answers .* within 3 s)"):
+            check_ray_cluster(f"127.0.0.1:{other.port}", timeout=3)
+        assert time.monotonic() - started < 20
