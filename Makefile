@@ -29,7 +29,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/install-system-deps.sh
-	$(VENV)/bin/ruff check fuse_optim fuse_tune dashboards tests benchmarks
+	$(VENV)/bin/ruff check fuse_optim fuse_tune dashboards tests benchmarks examples
 	$(PY) -m pytest tests
 
 lint: $(STAMP)

@@ -25,6 +25,9 @@ A study file says what to tune and how::
     pruner: {name: median}               # median | percentile (+ percentile: 25 keeps the top 25%) |
                                          # hyperband | none (reports once per epoch and seed)
     storage: null                        # null: journal file ./fuse-studies.log; sqlite:///..., postgresql://...
+    data_dir: null                       # the data folder handed to the workload (--data-dir overrides); a
+                                         # relative folder is read from where fuse-tune runs, whereas
+                                         # workload_path is relative to this file
 
 Every setting name (fixed or searched) is routed by its first dotted part: a trainer setting
 (``batch_size``, ``batch_size_after_switch``, ...), a workload option (``l2``, ``hidden_sizes``,

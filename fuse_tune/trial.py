@@ -224,10 +224,10 @@ def check_spec(spec: StudySpec) -> StudySpec:
     try:
         _, fixed_options, _ = split_settings(spec, nest(fixed))
         probe = probe_workload(spec, fixed_options)
+    except WorkloadError as exc:  # a UserError, hence a ValueError too: first
+        raise SpecError(f"workload: {exc}") from None
     except (ValueError, TypeError) as exc:
         raise SpecError(f"fixed: {_first_line(exc)}") from None
-    except WorkloadError as exc:
-        raise SpecError(f"workload: {exc}") from None
     n_train = probe.n_train if probe is not None else None
     if n_train is not None:
         _validate_fixed(spec, fixed, n_train)  # batch sizes against the training split

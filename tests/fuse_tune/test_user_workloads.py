@@ -314,7 +314,7 @@ def test_bad_user_workloads_are_one_line_and_exit_2(project: Path, capsys, name,
                              "--quiet", cwd=project, capsys=capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
-    assert lines[0].startswith(f"fuse-tune: error: {name}.yaml: ") and "Traceback" not in err
+    assert lines[0].startswith(f"fuse-tune: error: {name}.yaml: {expected[0]}") and "Traceback" not in err
     for fragment in expected:
         assert fragment in lines[0]
     assert not (project / "j.log").exists() or "user_regression" not in (project / "j.log").read_text()
