@@ -124,7 +124,11 @@ def build_report(experiments: Sequence[str], *, tracking_uri: str | None = None,
         plots.append(RENDERERS[name](derived))
     optuna_best: dict[str, Any] = {}
     for study in studies:
-        optuna_study, reason = open_optuna_study(study.study, storage or study.storage)
+        if study.parent_tags.get(Tags.BACKEND) == "ray" and storage is None:
+            optuna_study, reason = None, ("a Ray Tune experiment: its trials are in the Ray results folder, not in "
+                                          "an Optuna storage")
+        else:
+            optuna_study, reason = open_optuna_study(study.study, storage or study.storage)
         if optuna_study is None:
             optuna_best[study.study] = reason
             plot = Plot("importance" if len(studies) == 1 else f"importance_{study.study}",
