@@ -2,7 +2,7 @@
 
 The names users need are importable from here (loaded on first use, so ``fuse-tune --help`` stays fast):
 :func:`run_study` and :class:`StudyResult` (:mod:`fuse_tune.api`); :class:`Problem`, :class:`Metric`,
-``ACCURACY``, ``MSE``, ``MAE`` (:mod:`fuse_tune.workloads.interface`); :class:`TrainConfig` and :func:`train`
+``ACCURACY``, ``MSE``, ``MAE``, ``L2RE`` (:mod:`fuse_tune.workloads.interface`); :class:`TrainConfig` and :func:`train`
 (:mod:`fuse_tune.train`).
 """
 
@@ -15,7 +15,8 @@ _EXPORTS = {
     "run_study": "fuse_tune.api", "StudyResult": "fuse_tune.api",
     "Problem": "fuse_tune.workloads.interface", "Metric": "fuse_tune.workloads.interface",
     "ACCURACY": "fuse_tune.workloads.interface", "MSE": "fuse_tune.workloads.interface",
-    "MAE": "fuse_tune.workloads.interface", "WorkloadError": "fuse_tune.workloads.interface",
+    "MAE": "fuse_tune.workloads.interface", "L2RE": "fuse_tune.workloads.interface",
+    "WorkloadError": "fuse_tune.workloads.interface",
     "TrainConfig": "fuse_tune.train", "train": "fuse_tune.train",
 }
 

@@ -362,6 +362,9 @@ class Trainer:
             test_loss += penalty
             if problem.metric is not None:
                 scores[f"test_{problem.metric.name}"] = test_score
+        if problem.diagnostics is not None:
+            measured = problem.diagnostics(self.model, problem.train)
+            scores.update({str(key): float(value) for key, value in measured.items()})
         return train_loss + penalty, val_loss + penalty, test_loss, scores
 
     def _function_epoch(self, record: Callable[[torch.Tensor], None]) -> None:
@@ -488,16 +491,23 @@ def _batches(data: Data, chunk: int, device: torch.device) -> Any:
 @torch.no_grad()
 def _mean_loss_and_metric(model: torch.nn.Module, data: Data, loss: Callable[..., torch.Tensor],
                           metric: Metric | None, chunk: int, device: torch.device) -> tuple[float, float]:
-    """``(sum_c n_c loss_c / N, sum_c n_c metric_c / N)`` over chunks ``c`` of ``n_c`` samples (both batch means)."""
+    """``(sum_c n_c loss_c / N, sum_c n_c metric_c / N)`` over chunks ``c`` of ``n_c`` samples (both batch means); a
+    metric with ``finish`` is ``finish(sum_c sums_c)`` instead."""
     total_loss, total_metric, count = 0.0, 0.0, 0
+    sums: torch.Tensor | None = None
     for inputs, targets in _batches(data, chunk, device):
         outputs = model(inputs)
         n = int(targets.shape[0])
         total_loss += float(loss(outputs, targets)) * n
-        if metric is not None:
+        if metric is not None and metric.finish is not None:
+            batch_sums = metric.fn(outputs, targets).detach().to("cpu", torch.float64)
+            sums = batch_sums if sums is None else sums + batch_sums
+        elif metric is not None:
             total_metric += float(metric.fn(outputs, targets)) * n
         count += n
-    return total_loss / count, (total_metric / count if metric is not None else math.nan)
+    if metric is None:
+        return total_loss / count, math.nan
+    return total_loss / count, (float(metric.finish(sums)) if metric.finish is not None else total_metric / count)
 
 
 def config_from_mapping(values: Mapping[str, Any]) -> TrainConfig:

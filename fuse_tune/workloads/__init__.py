@@ -45,6 +45,7 @@ from fuse_tune.workloads.datasets import DataBundle, DatasetNotFound, load_datas
 from fuse_tune.workloads.functions import FunctionModule, add_gradient_noise
 from fuse_tune.workloads.interface import (
     ACCURACY,
+    L2RE,
     MAE,
     MSE,
     Data,
@@ -63,6 +64,7 @@ from fuse_tune.workloads.models import build_model, model_options
 
 __all__ = [
     "ACCURACY",
+    "L2RE",
     "MAE",
     "MSE",
     "WORKLOADS",

@@ -52,6 +52,7 @@ from fuse_tune.errors import UserError
 
 __all__ = [
     "ACCURACY",
+    "L2RE",
     "MAE",
     "MSE",
     "CONTEXT_PARAMETERS",
@@ -85,13 +86,17 @@ class Metric:
     Attributes:
         name: an identifier; logged as ``val_<name>`` and ``test_<name>``, and a study's objective may be
             ``val_<name>``.
-        fn: ``(outputs, targets) -> scalar``, the mean over the batch (weighted by batch size across batches).
+        fn: ``(outputs, targets) -> scalar``, the mean over the batch (weighted by batch size across batches); or,
+            with ``finish``, ``(outputs, targets) -> 1-D tensor of sums`` over the batch, added up over batches.
         direction: ``"maximize"`` or ``"minimize"``.
+        finish: ``sums -> value`` for a metric that is not a mean of per-sample values: the relative L2 error
+            ``||u - u*|| / ||u*||`` is ``sqrt(sum (u - u*)^2 / sum u*^2)`` of two sums (:data:`L2RE`).
     """
 
     name: str
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     direction: Literal["maximize", "minimize"]
+    finish: Callable[[torch.Tensor], float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.isidentifier():
@@ -123,6 +128,19 @@ MSE = Metric("mse", _mean_squared_error, "minimize")
 MAE = Metric("mae", _mean_absolute_error, "minimize")
 
 
+def _squared_error_sums(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    error = outputs.reshape(targets.shape).to(torch.float64) - targets.to(torch.float64)
+    return torch.stack((error.pow(2).sum(), targets.to(torch.float64).pow(2).sum()))
+
+
+def _relative_l2(sums: torch.Tensor) -> float:
+    return float(torch.sqrt(sums[0] / sums[1]))
+
+
+#: relative L2 error over a whole split, ``||u - u*||_2 / ||u*||_2`` (the PINN literature's L2RE); minimize
+L2RE = Metric("l2re", _squared_error_sums, "minimize", finish=_relative_l2)
+
+
 # ------------------------------------------------------------------ what a builder returns
 
 
@@ -138,6 +156,8 @@ class Problem:
         metric: reported on validation and test, and the default objective (``val_<name>``); ``None``: the
             validation loss is the objective.
         penalty: ``model -> scalar`` added to every minibatch loss and to the reported losses (e.g. an L2 term).
+        diagnostics: ``(model, train split) -> {name: value}``, evaluated after each epoch (untimed, without
+            autograd unless it asks for it) and logged beside the metrics (a PINN's separate loss terms).
     """
 
     model: nn.Module
@@ -147,6 +167,7 @@ class Problem:
     test: Data | None = None
     metric: Metric | None = None
     penalty: Callable[[nn.Module], torch.Tensor | float] | None = None
+    diagnostics: Callable[[nn.Module, Data], Mapping[str, float]] | None = None
 
     def objective(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``loss(model(inputs), targets) + penalty(model)``: the minibatch training objective."""
@@ -460,10 +481,10 @@ def check_runs(problem: Problem, name: str) -> None:
     if problem.metric is not None:
         try:
             score = problem.metric.fn(outputs.detach(), targets)
-            float(score)
+            float(problem.metric.finish(score) if problem.metric.finish is not None else score)
         except Exception as exc:
             raise WorkloadError(f"workload {name!r}: the metric {problem.metric.name!r} raised "
-                                f"{type(exc).__name__}: {_first_line(exc)} (it must return a scalar batch mean)"
+                                f"{type(exc).__name__}: {_first_line(exc)} (a scalar batch mean, or sums for finish)"
                                 ) from None
 
 

@@ -480,3 +480,24 @@ def test_a_comparison_of_a_users_workload_selects_on_validation_and_reports_test
     assert header in done.stdout and "final test_mse" in done.stdout  # the paired comparison on the test split
     written = yaml.safe_load((project / "out" / "studies" / "cmp_user-adam.yaml").read_text())
     assert written["workload_path"] == [str(project)]  # the comparison file's folder, not out/studies
+
+
+def test_a_ratio_metric_is_finished_from_sums_over_the_whole_split() -> None:
+    """L2RE = ||u - u*|| / ||u*|| over the whole split, not a mean of per-chunk ratios; diagnostics are logged."""
+    def build() -> Problem:
+        x = torch.linspace(0, 1, 100).unsqueeze(1)
+        model = nn.Linear(1, 1)
+        return Problem(model=model, loss=nn.MSELoss(), metric=fuse_tune.L2RE, train=(x, 2 * x + 1),
+                       validation=(x, 2 * x + 1),
+                       diagnostics=lambda m, data: {"train_max_error": float((m(data[0]) - data[1]).abs().max())})
+
+    register_workload("test_user.l2re", build)
+    trainer = Trainer(TrainConfig(workload="test_user.l2re", optimizer="adam", epochs=1, batch_size=10,
+                                  eval_batch_size=7, optimizer_args={"lr": 0.01}))
+    metrics = trainer.run_epoch()
+    with torch.no_grad():
+        x, u = trainer.problem.validation
+        expected = float(torch.linalg.vector_norm(trainer.model(x) - u) / torch.linalg.vector_norm(u))
+        max_error = float((trainer.model(x) - u).abs().max())
+    assert metrics.scores["val_l2re"] == pytest.approx(expected, rel=1e-6)
+    assert metrics.scores["train_max_error"] == pytest.approx(max_error, rel=1e-6)
