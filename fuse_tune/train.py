@@ -22,7 +22,7 @@ import torch
 
 from fuse_tune.optimizers import build_optimizer, optimizer_phase
 from fuse_tune.workloads import build_function, build_supervised, get_workload
-from fuse_tune.workloads.interface import Data, Metric, Problem, check_loss_value, split_size
+from fuse_tune.workloads.interface import Data, Metric, Problem, check_loss_value, first_batch, split_size
 
 __all__ = ["TrainConfig", "EpochMetrics", "TrainResult", "Trainer", "train", "resolve_device", "TRAINER_KEYS"]
 
@@ -41,7 +41,10 @@ class TrainConfig:
         batch_size: minibatch size before the switch (samples).
         batch_size_after_switch: minibatch size once the optimizer is in its second phase
             (``None``: unchanged).
-        steps_per_epoch: steps that make an "epoch" on a test function (no data set there).
+        steps_per_epoch: steps that make an "epoch" on a test function (no data set there), and with
+            ``full_batch``.
+        full_batch: every step evaluates the whole training split (a deterministic objective: a PINN's fixed
+            collocation points); an "epoch" is then ``steps_per_epoch`` steps, and ``batch_size`` is not used.
         seed: initial weights and data order.
         device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"`` or ``"cuda[:i]"``.
         threads: torch CPU threads (``None``: leave torch's default).
@@ -72,6 +75,7 @@ class TrainConfig:
     target_loss: float | None = None
     evaluate_test: bool = True
     num_workers: int = 0
+    full_batch: bool = False
     workload_path: tuple[str, ...] = ()
 
     def validate(self) -> None:
@@ -85,6 +89,8 @@ class TrainConfig:
             _positive_int(self.threads, "threads")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.full_batch, bool):
+            raise ValueError(f"full_batch must be true or false, got {self.full_batch!r}")
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
         resolve_device(self.device)
@@ -237,7 +243,8 @@ class Trainer:
             self.model, self.problem = instance.model, instance.problem
             self.workload_name = instance.workload.name
             self.n_train = split_size(self.problem.train)
-            for name in ("batch_size", "batch_size_after_switch"):
+            self._whole_train: tuple[torch.Tensor, torch.Tensor] | None = None
+            for name in ("batch_size", "batch_size_after_switch") if not config.full_batch else ():
                 size = getattr(config, name)
                 if size is not None and size > self.n_train:
                     raise ValueError(f"{name}={size} is larger than the training set ({self.n_train} samples)")
@@ -275,7 +282,8 @@ class Trainer:
         else:
             self._supervised_epoch(record)
         phase = optimizer_phase(self.optimizer, self.config.optimizer)  # the phase this epoch ended in
-        batch_size = _batch_size(self.config, self.optimizer) if self.kind != "function" else 1
+        batch_size = (1 if self.kind == "function" else self.n_train if self.config.full_batch
+                      else _batch_size(self.config, self.optimizer))
         self.optimizer.end_epoch()
         _sync(self.device)
         self.wall += time.perf_counter() - start
@@ -310,6 +318,9 @@ class Trainer:
         In-memory tensors are sliced directly. A Dataset is read through a DataLoader over the same index
         order; when the batch size changes mid-epoch (the switch) the loader is rebuilt from the next unread
         index, so no batch of the old size is drawn after the switch, however far the workers read ahead."""
+        if self.config.full_batch:
+            self._full_batch_epoch(record)
+            return
         perm = torch.randperm(self.n_train, generator=self.generator)
         self.model.train()
         cursor = 0
@@ -326,6 +337,19 @@ class Trainer:
                 cursor += len(targets)
                 if _batch_size(self.config, self.optimizer) != size:
                     break
+
+    def _full_batch_epoch(self, record: Callable[[torch.Tensor], None]) -> None:
+        """``steps_per_epoch`` steps, each on the whole training split (a Dataset is collated once, on the device)."""
+        if self._whole_train is None:
+            train = self.problem.train
+            if isinstance(train, tuple):
+                self._whole_train = train
+            else:
+                inputs, targets = first_batch(train, len(train))
+                self._whole_train = (_move(inputs, self.device), _move(targets, self.device))
+        self.model.train()
+        for _ in range(self.config.steps_per_epoch):
+            self._step(*self._whole_train, record)
 
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor, record: Callable[[torch.Tensor], None]) -> None:
         """One optimizer step whose closure evaluates the objective on this minibatch (every call the same)."""

@@ -501,3 +501,22 @@ def test_a_ratio_metric_is_finished_from_sums_over_the_whole_split() -> None:
         max_error = float((trainer.model(x) - u).abs().max())
     assert metrics.scores["val_l2re"] == pytest.approx(expected, rel=1e-6)
     assert metrics.scores["train_max_error"] == pytest.approx(max_error, rel=1e-6)
+
+
+def test_full_batch_steps_see_the_whole_split_and_an_epoch_is_steps_per_epoch() -> None:
+    """full_batch: a deterministic objective, one evaluation of the whole training split per closure call, an
+    epoch of steps_per_epoch steps, the same from a Dataset as from tensors; costs counted in closure calls."""
+    register_workload("test_user.tensors", _classification(as_dataset=False))
+    register_workload("test_user.dataset", _classification(as_dataset=True))
+    runs = []
+    for name in ("test_user.tensors", "test_user.dataset"):
+        config = TrainConfig(workload=name, optimizer="fuse_pv", epochs=2, full_batch=True, steps_per_epoch=5,
+                             optimizer_args={"lr": 0.02, "switch": {"criterion": "step", "step": 5}})
+        runs.append(train(config).history)
+    tensors, dataset = runs
+    _same_training([m.as_dict() for m in tensors], [m.as_dict() for m in dataset])
+    first, second = tensors
+    assert (first.steps, second.steps) == (5, 10) and first.batch_size == second.batch_size == 150
+    assert first.grad_evals == 5 and first.samples == 5 * 150  # Adam: one evaluation of all 150 samples a step
+    assert second.phase == "lbfgs" and second.grad_evals - first.grad_evals >= 5
+    assert second.samples == 150 * second.grad_evals
