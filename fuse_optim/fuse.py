@@ -128,6 +128,17 @@ class StepInfo:
         return {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in asdict(self).items()}
 
 
+@dataclass
+class _Evaluation:
+    """One closure call of the L-BFGS phase: where (``x``), what it returned, the objective and its gradient."""
+
+    x: torch.Tensor
+    loss: Any
+    value: float
+    grad: torch.Tensor
+    weight_decay: tuple[float, ...]
+
+
 def _check(condition: bool, argument: str, value: Any, accepted: str) -> None:
     if not condition:
         raise ValueError(f"{argument} must be {accepted}, got {value!r}")
@@ -238,6 +249,7 @@ class _AdamLBFGSBase(Optimizer):
         tolerance_grad: float,
         tolerance_change: float,
         track_grad_norm: bool,
+        deterministic_closure: bool = False,
     ) -> None:
         _check_adam_hyperparameters(dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         _check(isinstance(amsgrad, bool), "amsgrad", amsgrad, "True or False")
@@ -283,6 +295,12 @@ class _AdamLBFGSBase(Optimizer):
             tolerance_change=tolerance_change,
         )
         self.track_grad_norm = bool(track_grad_norm)
+        _check(isinstance(deterministic_closure, bool), "deterministic_closure", deterministic_closure,
+               "True or False")
+        #: the closure is the same function at every step (full batch): the L-BFGS phase reuses the evaluation
+        #: of the point its line search accepted (see _reuse_accepted); not saved in the state dict
+        self.deterministic_closure = deterministic_closure
+        self._accepted: _Evaluation | None = None
         #: the learning rate at which the L-BFGS step is unscaled (see _step_scales); saved with the state
         self.lr_reference = float(lr)
         self.phase = ADAM
@@ -672,14 +690,16 @@ class _AdamLBFGSBase(Optimizer):
         search = self._line_search()
         needs_gtd = getattr(search, "needs_directional_derivative", True)
 
+        last_loss: Any = None
+
         def evaluate(step: float) -> tuple[float, torch.Tensor, float]:
-            nonlocal at_step
+            nonlocal at_step, last_loss
             if at_step == 0.0:
                 torch._foreach_add_(self._all_params(), self._views(direction), alpha=step)
             else:
                 self._set_params(x0, direction, step)
             at_step = step
-            _, value, grad = self._evaluate(closure)
+            last_loss, value, grad = self._evaluate(closure)
             return value, grad, float(torch.dot(grad, direction)) if needs_gtd else math.nan
 
         resolution = LOSS_RESOLUTION_ULPS * torch.finfo(x0.dtype).eps * abs(loss0)
@@ -688,7 +708,29 @@ class _AdamLBFGSBase(Optimizer):
             self.line_search_failures += 1
         if at_step != result.step:
             self._set_params(x0, direction, result.step)
+        elif self.deterministic_closure and result.step > 0 and result.grad is not None:
+            self._remember_accepted(last_loss, result.loss, result.grad)
         return result
+
+    def _weight_decays(self) -> tuple[float, ...]:
+        return tuple(float(group["weight_decay"]) for group in self.param_groups)
+
+    def _remember_accepted(self, loss: Any, value: float, grad: torch.Tensor) -> None:
+        """Keep the line search's last evaluation, at the accepted point, for the next step (deterministic closure)."""
+        x = self._flat_params(out=self._accepted.x if self._accepted is not None else None)
+        saved = grad.clone() if self._accepted is None else self._accepted.grad.copy_(grad)
+        self._accepted = _Evaluation(x, loss, value, saved, self._weight_decays())
+
+    def _reuse_accepted(self, out: torch.Tensor) -> tuple[Any, float, torch.Tensor] | None:
+        """With ``deterministic_closure``: the previous step's accepted point's (loss, f, gradient) when the
+        parameters are still exactly there (and the weight decays unchanged), so that the closure is not called
+        at x_k again: one evaluation per L-BFGS iteration instead of two on a full-batch objective. ``None``
+        otherwise (a minibatch closure, or the parameters moved: a user's edit, a loaded state dict)."""
+        accepted, self._accepted = self._accepted, None
+        if (not self.deterministic_closure or accepted is None or accepted.weight_decay != self._weight_decays()
+                or accepted.x.shape[0] != out.shape[0] or not torch.equal(self._flat_params(), accepted.x)):
+            return None
+        return accepted.loss, accepted.value, out.copy_(accepted.grad)
 
     def _converged(self, grad_max: float) -> bool:
         """``||g||_inf <= tolerance_grad * ||g_ref||_inf`` (the reference: the first L-BFGS gradient)."""
@@ -699,7 +741,8 @@ class _AdamLBFGSBase(Optimizer):
     def _lbfgs_step(self, closure: Closure) -> Any:
         """One L-BFGS iteration on the closure's minibatch (paper Algorithm 1, one pass of the loop)."""
         calls_before = self.closure_calls
-        loss, loss0, grad0 = self._evaluate(closure, out=self._step_buffer("grad"))
+        reused = self._reuse_accepted(self._step_buffer("grad"))
+        loss, loss0, grad0 = reused if reused is not None else self._evaluate(closure, out=self._step_buffer("grad"))
         memory = self._ensure_memory()
         grad_max = _max_abs(grad0)
         if not (math.isfinite(loss0) and math.isfinite(grad_max)):
@@ -946,6 +989,7 @@ class FusePV(SwitchedOptimizer, _AdamLBFGSBase):
         tolerance_grad: float = 1e-10,
         tolerance_change: float = 1e-12,
         track_grad_norm: bool = False,
+        deterministic_closure: bool = False,
     ) -> None:
         self._switch = SwitchState(
             switch if switch is not None
@@ -960,6 +1004,7 @@ class FusePV(SwitchedOptimizer, _AdamLBFGSBase):
             shrink=shrink, curvature=curvature, curvature_eps=curvature_eps,
             initial_inverse_hessian=initial_inverse_hessian, tolerance_grad=tolerance_grad,
             tolerance_change=tolerance_change, track_grad_norm=track_grad_norm,
+            deterministic_closure=deterministic_closure,
         )
 
     def _may_use_lbfgs(self) -> bool:
@@ -1090,6 +1135,7 @@ class Fuse(_AdamLBFGSBase):
         tolerance_grad: float = 1e-10,
         tolerance_change: float = 1e-12,
         track_grad_norm: bool = False,
+        deterministic_closure: bool = False,
     ) -> None:
         self.theta = make_schedule(theta if theta is not None else {"schedule": "linear", "steps": 1000})
         super().__init__(
@@ -1100,6 +1146,7 @@ class Fuse(_AdamLBFGSBase):
             shrink=shrink, curvature=curvature, curvature_eps=curvature_eps,
             initial_inverse_hessian=initial_inverse_hessian, tolerance_grad=tolerance_grad,
             tolerance_change=tolerance_change, track_grad_norm=track_grad_norm,
+            deterministic_closure=deterministic_closure,
         )
 
     def end_epoch(self) -> bool:
