@@ -75,13 +75,23 @@ def _read_value(raw: str) -> Any:
     return value
 
 
+def _split_measures(m: Any) -> list[tuple[str, float]]:
+    """Validation loss and metrics, then test loss and metrics, then any other diagnostics, as measured."""
+    def rank(key: str) -> int:
+        return 0 if key.startswith("val_") else 1 if key.startswith("test_") else 2
+
+    measured = {"val_loss": m.val_loss, "test_loss": m.test_loss, **m.scores}
+    keys = sorted((key for key, value in measured.items() if value is not None),
+                  key=lambda key: (rank(key), not key.endswith("_loss"), key))
+    return [(key, measured[key]) for key in keys]
+
+
 def _format_epoch(m: Any) -> str:
     parts = [f"epoch {m.epoch:3d}", f"phase {m.phase:6s}", f"train_loss {m.train_loss:.6g}"]
     if m.gap is not None:
         parts.append(f"gap {m.gap:.3e}")
-    for key, value in (("val_loss", m.val_loss), *sorted(m.scores.items()), ("test_loss", m.test_loss)):
-        if value is not None:
-            parts.append(f"{key} {value:.4f}")
+    for key, value in _split_measures(m):
+        parts.append(f"{key} {value:.4g}")
     parts += [f"mean|g|^2 {m.grad_sq_norm:.3e}", f"grad_evals {m.grad_evals}", f"samples {m.samples}",
               f"wall {m.wall_time:.2f}s"]
     if m.switch_epoch is not None:
@@ -138,9 +148,7 @@ def _command_train(args: argparse.Namespace) -> int:
     print(f"\nsummary: workload={config.workload} optimizer={config.optimizer} seed={config.seed} "
           f"epochs={len(result.history)}")
     print(f"  final train loss {final.train_loss:.6g}"
-          + (f", validation loss {final.val_loss:.6g}" if final.val_loss is not None else "")
-          + "".join(f", {key} {value:.4f}" for key, value in sorted(final.scores.items()))
-          + (f", test loss {final.test_loss:.6g}" if final.test_loss is not None else "")
+          + "".join(f", {key} {value:.6g}" for key, value in _split_measures(final))
           + (f", gap to f* {final.gap:.3e}" if final.gap is not None else ""))
     print(f"  gradient evaluations {final.grad_evals}, samples {final.samples}, training wall time "
           f"{final.wall_time:.2f} s (evaluation excluded)")

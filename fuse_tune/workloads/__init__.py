@@ -61,6 +61,7 @@ from fuse_tune.workloads.interface import (
     is_reference,
 )
 from fuse_tune.workloads.models import build_model, model_options
+from fuse_tune.workloads.pinn import pinn_workloads
 
 __all__ = [
     "ACCURACY",
@@ -174,6 +175,7 @@ WORKLOADS: dict[str, Workload] = {
         _supervised_workload(
             "cifar10", "densenet5", "densenet", "5-layer DenseNet on CIFAR-10 (paper Table II)"
         ),
+        *pinn_workloads(),
     )
 }
 

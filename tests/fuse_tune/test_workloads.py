@@ -56,7 +56,7 @@ def test_every_workload_builds_or_names_its_missing_data(tmp_path: Path, name: s
         value = instance.module()
         assert torch.isfinite(value) and value.item() > instance.f_star
         assert instance.module.x.tolist() == list(get_test_function(workload.function).default_start(2))
-    elif workload.dataset in BUNDLED_DATASETS:
+    elif workload.dataset is None or workload.dataset in BUNDLED_DATASETS:  # bundled data, or none (PINNs)
         instance = build_supervised(workload, data_dir=tmp_path, seed=0)
         batch_x, batch_y = instance.problem.train[0][:64], instance.problem.train[1][:64]
         loss = instance.loss_fn(instance.model, batch_x, batch_y)
