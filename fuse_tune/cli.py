@@ -155,7 +155,7 @@ def _command_train(args: argparse.Namespace) -> int:
     if final.switch_epoch is not None:
         print(f"  switched to the second phase at epoch {final.switch_epoch} (step {final.switch_step}): "
               f"{final.switch_reason}")
-    elif config.optimizer in ("fuse_pv", "adam_sgd"):
+    elif config.optimizer in ("fuse_pv", "adam_sgd", "adam_lbfgs"):
         print("  no switch happened")
     if result.stopped_early:
         print("  stopped early: the training loss became non-finite")
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a workload name (see `fuse-tune list`) or your own builder, package.module:builder")
     train.add_argument("--workload-path", action="append", metavar="FOLDER",
                        help="folder your builder's module is imported from (default: the current folder)")
-    train.add_argument("--optimizer", required=True, help="sgd, adam, adam_sgd, lbfgs, fuse_pv or fuse")
+    train.add_argument("--optimizer", required=True, help="sgd, adam, adam_sgd, adam_lbfgs, lbfgs, fuse_pv or fuse")
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="optimizer argument, workload option or trainer setting; dotted keys nest "
                             "(--set switch.criterion=epoch --set switch.epoch=3)")

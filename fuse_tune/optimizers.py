@@ -6,6 +6,7 @@ name           what it builds
 ``sgd``        ``torch.optim.SGD`` (paper: lr 0.01)
 ``adam``       ``torch.optim.Adam`` (paper: lr 0.001)
 ``adam_sgd``   :class:`AdamThenSGD`: Adam, then SGD once a switch criterion fires (Keskar & Socher)
+``adam_lbfgs`` :class:`AdamThenLBFGS`: Adam, then ``torch.optim.LBFGS`` (max_iter 20, history 100): the PINN recipe
 ``lbfgs``      ``torch.optim.LBFGS`` (one iteration per minibatch, strong Wolfe, max_eval 25)
 ``fuse_pv``    :class:`fuse_optim.FusePV`
 ``fuse``       :class:`fuse_optim.Fuse`
@@ -26,25 +27,18 @@ import torch
 from fuse_optim import Fuse, FusePV
 from fuse_optim.switch import SwitchCriterion, SwitchedOptimizer, SwitchState
 
-__all__ = ["OPTIMIZERS", "AdamThenSGD", "build_optimizer", "optimizer_phase", "accepted_arguments"]
+__all__ = ["OPTIMIZERS", "AdamThenSGD", "AdamThenLBFGS", "build_optimizer", "optimizer_phase", "accepted_arguments"]
 
 
-class AdamThenSGD(SwitchedOptimizer, torch.optim.Optimizer):
-    """Adam until a switch criterion fires, then SGD (with momentum) on the same parameters.
+class _AdamThen(SwitchedOptimizer, torch.optim.Optimizer):
+    """Adam until a switch criterion fires (the same criteria as FusePV, :mod:`fuse_optim.switch`), then a second
+    torch optimizer on the same parameters. Subclasses build the second one (:meth:`_second`) and name its phase."""
 
-    The switch uses the same criteria as FusePV (:mod:`fuse_optim.switch`). ``sgd_lr`` is the
-    SGD learning rate after the switch (Keskar & Socher 2017 estimate it from Adam's steps; here
-    it is a hyperparameter for the study to search).
-    """
+    second_phase = "second"
 
-    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, *, sgd_lr: float = 0.01, momentum: float = 0.9,
-                 switch: SwitchCriterion | Mapping[str, Any] | str = "never") -> None:
-        params = list(params)
-        if not isinstance(sgd_lr, (int, float)) or sgd_lr <= 0:
-            raise ValueError(f"sgd_lr must be a number > 0, got {sgd_lr!r}")
-        self.adam = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        self.sgd = torch.optim.SGD(params, lr=sgd_lr, momentum=momentum, weight_decay=weight_decay)
+    def __init__(self, params: list[torch.Tensor], adam: torch.optim.Adam, second: torch.optim.Optimizer,
+                 switch: SwitchCriterion | Mapping[str, Any] | str, lr: float) -> None:
+        self.adam, self.second = adam, second
         self._switch = SwitchState(switch)
         self.criterion = self._switch.criterion
         super().__init__(params, {"lr": lr})
@@ -53,40 +47,105 @@ class AdamThenSGD(SwitchedOptimizer, torch.optim.Optimizer):
 
     @property
     def phase(self) -> str:
-        return "sgd" if self._switch.fired else "adam"
+        return self.second_phase if self._switch.fired else "adam"
 
     def _maybe_switch(self) -> None:
         self._switch.check(self._steps, self._epochs)
 
     def step(self, closure=None):  # type: ignore[override]
         self._maybe_switch()
-        active = self.adam if self.phase == "adam" else self.sgd
+        if self.phase != "adam":
+            loss = self._second_step(closure)
+            self._steps += 1
+            return loss
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.phase == "adam" and (self.criterion.needs_loss or self.criterion.needs_grad_norm):
+        if self.criterion.needs_loss or self.criterion.needs_grad_norm:
             grads = [p.grad for group in self.adam.param_groups for p in group["params"] if p.grad is not None]
             grad_sq = torch.stack([g.pow(2).sum() for g in grads]).sum() if grads else None
             self.criterion.observe_step(None if loss is None else loss.detach(), grad_sq)
-        active.step()
+        self.adam.step()
         self._steps += 1
         return loss
+
+    def _second_step(self, closure):  # noqa: ANN001, ANN202
+        raise NotImplementedError
 
     def end_epoch(self) -> bool:
         self._epochs += 1
         self._switch.end_epoch(self._steps, self._epochs)
-        return self.phase == "sgd"
+        return self.phase != "adam"
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {"adam": self.adam.state_dict(), "sgd": self.sgd.state_dict(), **self._switch.state_dict(),
-                "phase": self.phase, "steps": self._steps, "epochs": self._epochs}
+        return {"adam": self.adam.state_dict(), self.second_phase: self.second.state_dict(),
+                **self._switch.state_dict(), "phase": self.phase, "steps": self._steps, "epochs": self._epochs}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:  # type: ignore[override]
         self.adam.load_state_dict(state_dict["adam"])
-        self.sgd.load_state_dict(state_dict["sgd"])
+        self.second.load_state_dict(state_dict[self.second_phase])
         self._switch.load_state_dict(state_dict)
         self._steps, self._epochs = state_dict["steps"], state_dict["epochs"]
+
+
+class AdamThenSGD(_AdamThen):
+    """Adam until a switch criterion fires, then SGD (with momentum) on the same parameters (Keskar & Socher).
+
+    ``sgd_lr`` is the SGD learning rate after the switch (Keskar & Socher 2017 estimate it from Adam's steps;
+    here it is a hyperparameter for the study to search).
+    """
+
+    second_phase = "sgd"
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, sgd_lr: float = 0.01, momentum: float = 0.9,
+                 switch: SwitchCriterion | Mapping[str, Any] | str = "never") -> None:
+        params = list(params)
+        if not isinstance(sgd_lr, (int, float)) or sgd_lr <= 0:
+            raise ValueError(f"sgd_lr must be a number > 0, got {sgd_lr!r}")
+        super().__init__(params, torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
+                         torch.optim.SGD(params, lr=sgd_lr, momentum=momentum, weight_decay=weight_decay),
+                         switch, lr)
+
+    @property
+    def sgd(self) -> torch.optim.SGD:
+        return self.second
+
+    def _second_step(self, closure):  # noqa: ANN001, ANN202
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.second.step()
+        return loss
+
+
+class AdamThenLBFGS(_AdamThen):
+    """The physics-informed-network community's recipe: Adam until a switch criterion fires (DeepXDE and the code of
+    Rathore et al. 2024 switch at a fixed iteration), then ``torch.optim.LBFGS(lr=1, history_size=100, max_iter=20,
+    line_search_fn="strong_wolfe")``: each step after the switch is up to ``max_iter`` L-BFGS iterations and
+    ``max_eval`` (default ``max_iter * 5 // 4``) closure calls on the same closure. Meant for full-batch objectives;
+    compare it with FusePV at equal closure calls (gradient evaluations), not equal steps."""
+
+    second_phase = "lbfgs"
+
+    def __init__(self, params: Iterable[torch.Tensor], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, lbfgs_lr: float = 1.0, history_size: int = 100,
+                 max_iter: int = 20, max_eval: int | None = None, line_search_fn: str | None = "strong_wolfe",
+                 tolerance_grad: float = 1e-7, tolerance_change: float = 1e-9,
+                 switch: SwitchCriterion | Mapping[str, Any] | str = "never") -> None:
+        params = list(params)
+        super().__init__(params, torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay),
+                         torch.optim.LBFGS(params, lr=lbfgs_lr, history_size=history_size, max_iter=max_iter,
+                                           max_eval=max_eval, line_search_fn=line_search_fn,
+                                           tolerance_grad=tolerance_grad, tolerance_change=tolerance_change),
+                         switch, lr)
+
+    def _second_step(self, closure):  # noqa: ANN001, ANN202
+        if closure is None:
+            raise RuntimeError("adam_lbfgs needs a closure after the switch (torch.optim.LBFGS re-evaluates the loss)")
+        return self.second.step(closure)
 
 
 def _torch_lbfgs(params: Iterable[torch.Tensor], lr: float = 1.0, history_size: int = 10, max_iter: int = 1,
@@ -119,6 +178,7 @@ OPTIMIZERS = {
     "sgd": _sgd,
     "adam": _adam,
     "adam_sgd": AdamThenSGD,
+    "adam_lbfgs": AdamThenLBFGS,
     "lbfgs": _torch_lbfgs,
     "fuse_pv": FusePV,
     "fuse": Fuse,

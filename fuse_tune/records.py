@@ -343,7 +343,7 @@ def direction(metric: str | None) -> str:
 
 #: the name of every optimizer's first phase (``Metrics.PHASE_SECOND`` = 0)
 FIRST_PHASE = "adam"
-_SECOND_PHASE = {"fuse_pv": "lbfgs", "adam_sgd": "sgd"}
+_SECOND_PHASE = {"fuse_pv": "lbfgs", "adam_sgd": "sgd", "adam_lbfgs": "lbfgs"}
 
 #: a seed that never switched, in :attr:`Tags.SWITCH_EPOCH`; also :attr:`Tags.SWITCH_REASON` when none did
 NEVER_SWITCHED = "none"

@@ -6,7 +6,7 @@ A study file says what to tune and how::
     workload: digits-logreg              # fuse-tune list, or your own: package.module:builder
     workload_path: [.]                   # folders your builder's module is imported from (relative to this
                                          # file; default: this file's folder)
-    optimizer: fuse_pv                   # sgd | adam | adam_sgd | lbfgs | fuse_pv | fuse
+    optimizer: fuse_pv                   # sgd | adam | adam_sgd | adam_lbfgs | lbfgs | fuse_pv | fuse
     epochs: 8
     seeds: [0, 1]                        # every configuration runs on each of these (paired seeds)
     fixed:                               # settings that do not vary (dotted keys nest)

@@ -456,14 +456,14 @@ def train(config: TrainConfig, on_epoch: Callable[[EpochMetrics], bool | None] |
 def optimizer_arguments(config: TrainConfig) -> dict[str, Any]:
     """The optimizer's arguments, with the trainer's defaults for a switch the config leaves out.
 
-    ``fuse_pv`` and ``adam_sgd`` without a ``switch`` switch at the middle epoch
+    ``fuse_pv``, ``adam_sgd`` and ``adam_lbfgs`` without a ``switch`` switch at the middle epoch
     (``{"criterion": "epoch", "epoch": epochs // 2}``): the paper's epoch criterion, which it
     found best (Fig. 5), placed where the run's budget allows both phases to work. ``fuse_pv`` and
     ``fuse`` get ``deterministic_closure`` when the objective is the same at every step
     (:func:`_deterministic_objective`), unless the settings say otherwise.
     """
     arguments = dict(config.optimizer_args)
-    if config.optimizer in ("fuse_pv", "adam_sgd") and "switch" not in arguments:
+    if config.optimizer in ("fuse_pv", "adam_sgd", "adam_lbfgs") and "switch" not in arguments:
         arguments["switch"] = {"criterion": "epoch", "epoch": max(1, config.epochs // 2)}
     if config.optimizer in ("fuse_pv", "fuse") and "deterministic_closure" not in arguments:
         arguments["deterministic_closure"] = _deterministic_objective(config)

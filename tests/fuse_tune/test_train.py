@@ -82,7 +82,7 @@ def test_mean_squared_gradient_norm_matches_a_hand_computation():
     assert result.final.grad_sq_norm == pytest.approx(sum(values) / len(values), rel=1e-5)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adam_sgd", "lbfgs", "fuse_pv", "fuse"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adam_sgd", "adam_lbfgs", "lbfgs", "fuse_pv", "fuse"])
 def test_every_optimizer_trains_digits(optimizer):
     args = {"theta": {"schedule": "linear", "steps": 30}} if optimizer == "fuse" else {}
     result = train(digits(optimizer, epochs=2, optimizer_args=args))
@@ -167,3 +167,39 @@ def test_trainer_checkpoint_restores_exactly_in_the_second_phase(config, tmp_pat
     expected = [(m.train_loss, m.grad_evals, m.samples, m.phase) for m in straight.result.history]
     got = [(m.train_loss, m.grad_evals, m.samples, m.phase) for m in restored.result.history]
     assert got == expected
+
+
+def test_adam_lbfgs_is_adam_then_torch_lbfgs_as_the_pinn_recipe_runs_it():
+    """adam_lbfgs against its reference written out by hand: torch.optim.Adam for 3 steps, then
+    torch.optim.LBFGS(lr=1, history_size=100, max_iter=20, strong Wolfe) on the same closure."""
+    from fuse_optim.test_functions import get_test_function
+    from fuse_tune.optimizers import AdamThenLBFGS
+
+    fn = get_test_function("rosenbrock").fn
+
+    def closure_for(x, opt):
+        def closure():
+            opt.zero_grad()
+            loss = fn(x)
+            loss.backward()
+            return loss
+        return closure
+
+    x = torch.tensor([-1.5, 2.0], dtype=torch.float64, requires_grad=True)
+    recipe = build_optimizer("adam_lbfgs", [x], {"lr": 1e-2, "switch": {"criterion": "step", "step": 3}})
+    assert isinstance(recipe, AdamThenLBFGS)
+    y = torch.tensor([-1.5, 2.0], dtype=torch.float64, requires_grad=True)
+    adam = torch.optim.Adam([y], lr=1e-2)
+    lbfgs = torch.optim.LBFGS([y], lr=1, history_size=100, max_iter=20, line_search_fn="strong_wolfe")
+    phases = []
+    for step in range(6):
+        recipe.step(closure_for(x, recipe))
+        phases.append(recipe.phase)
+        (adam if step < 3 else lbfgs).step(closure_for(y, adam if step < 3 else lbfgs))
+        assert torch.equal(x, y)
+    assert phases == ["adam"] * 3 + ["lbfgs"] * 3 and recipe.switched_at_step == 3
+    assert float(fn(x)) < 1e-6  # three torch L-BFGS steps of up to 20 iterations each solve it
+    clone = build_optimizer("adam_lbfgs", [x.detach().clone().requires_grad_(True)],
+                            {"lr": 1e-2, "switch": {"criterion": "step", "step": 3}})
+    clone.load_state_dict(recipe.state_dict())
+    assert clone.phase == "lbfgs" and clone.state_dict()["steps"] == 6
