@@ -43,6 +43,9 @@ class TrainConfig:
             (``None``: unchanged).
         steps_per_epoch: steps that make an "epoch" on a test function (no data set there), and with
             ``full_batch``.
+        grad_eval_budget: stop once this many closure calls (gradient evaluations) were made, mid-epoch if need be
+            (the last epoch is then shorter): methods compared at equal evaluations, not equal steps
+            (``torch.optim.LBFGS`` with ``max_iter=20`` makes up to 25 calls a step). ``None``: epochs only.
         full_batch: every step evaluates the whole training split (a deterministic objective: a PINN's fixed
             collocation points); an "epoch" is then ``steps_per_epoch`` steps, and ``batch_size`` is not used.
         seed: initial weights and data order.
@@ -76,6 +79,7 @@ class TrainConfig:
     evaluate_test: bool = True
     num_workers: int = 0
     full_batch: bool = False
+    grad_eval_budget: int | None = None
     workload_path: tuple[str, ...] = ()
 
     def validate(self) -> None:
@@ -87,6 +91,8 @@ class TrainConfig:
         _positive_int(self.eval_batch_size, "eval_batch_size")
         if self.threads is not None:
             _positive_int(self.threads, "threads")
+        if self.grad_eval_budget is not None:
+            _positive_int(self.grad_eval_budget, "grad_eval_budget")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not isinstance(self.full_batch, bool):
@@ -264,7 +270,11 @@ class Trainer:
 
     @property
     def done(self) -> bool:
-        return self.epoch >= self.config.epochs or self.result.stopped_early
+        return self.epoch >= self.config.epochs or self.result.stopped_early or self._budget_spent()
+
+    def _budget_spent(self) -> bool:
+        budget = self.config.grad_eval_budget
+        return budget is not None and self.counter.closure_calls >= budget
 
     def run_epoch(self) -> EpochMetrics:
         """Train one epoch, evaluate (untimed), append and return its metrics."""
@@ -325,7 +335,7 @@ class Trainer:
         self.model.train()
         cursor = 0
         train = self.problem.train
-        while cursor < self.n_train:
+        while cursor < self.n_train and not self._budget_spent():
             size = _batch_size(self.config, self.optimizer)
             if isinstance(train, tuple):
                 idx = perm[cursor:cursor + size].to(self.device)
@@ -335,7 +345,7 @@ class Trainer:
             for inputs, targets in _loader(train, perm[cursor:], size, self.config.num_workers, self.device):
                 self._step(_move(inputs, self.device), _move(targets, self.device), record)
                 cursor += len(targets)
-                if _batch_size(self.config, self.optimizer) != size:
+                if _batch_size(self.config, self.optimizer) != size or self._budget_spent():
                     break
 
     def _full_batch_epoch(self, record: Callable[[torch.Tensor], None]) -> None:
@@ -349,6 +359,8 @@ class Trainer:
                 self._whole_train = (_move(inputs, self.device), _move(targets, self.device))
         self.model.train()
         for _ in range(self.config.steps_per_epoch):
+            if self._budget_spent():
+                break
             self._step(*self._whole_train, record)
 
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor, record: Callable[[torch.Tensor], None]) -> None:
@@ -402,6 +414,8 @@ class Trainer:
             return loss
 
         for _ in range(self.config.steps_per_epoch):
+            if self._budget_spent():
+                break
             optimizer.step(self.counter.wrap(closure, 1, record))
             self.steps += 1
 

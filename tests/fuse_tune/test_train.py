@@ -203,3 +203,18 @@ def test_adam_lbfgs_is_adam_then_torch_lbfgs_as_the_pinn_recipe_runs_it():
                             {"lr": 1e-2, "switch": {"criterion": "step", "step": 3}})
     clone.load_state_dict(recipe.state_dict())
     assert clone.phase == "lbfgs" and clone.state_dict()["steps"] == 6
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "fuse_pv", "adam_lbfgs"])
+def test_an_evaluation_budget_stops_mid_epoch_after_the_step_that_spends_it(optimizer):
+    """grad_eval_budget: no step starts once the closure calls reach the budget, so a run ends within one step's
+    calls of it (torch L-BFGS: up to 25) whatever the optimizer; epochs stay the upper limit."""
+    config = TrainConfig(workload="rosenbrock", optimizer=optimizer, epochs=50, steps_per_epoch=20,
+                         grad_eval_budget=75,
+                         optimizer_args={} if optimizer == "adam" else {"switch": {"criterion": "step", "step": 10}})
+    result = train(config)
+    final = result.final
+    assert 75 <= final.grad_evals < 75 + (25 if optimizer == "adam_lbfgs" else 1 if optimizer == "adam" else 20)
+    assert len(result.history) < 50 and final.steps < 50 * 20
+    with pytest.raises(ValueError, match="grad_eval_budget must be an integer >= 1"):
+        TrainConfig(workload="rosenbrock", optimizer="adam", grad_eval_budget=0).validate()
