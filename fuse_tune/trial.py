@@ -201,7 +201,7 @@ def check_spec(spec: StudySpec) -> StudySpec:
     try:
         workload = get_workload(spec.workload, spec.workload_path)
     except (ValueError, WorkloadError) as exc:
-        raise SpecError(f"workload: {exc}") from None
+        raise _workload_error(exc) from None
     if spec.optimizer not in OPTIMIZERS:
         raise SpecError(f"optimizer: expected one of {sorted(OPTIMIZERS)}, got {spec.optimizer!r}")
     if workload.kind == "function" and spec.objective.metric not in (None, Metrics.TRAIN_LOSS,
@@ -217,15 +217,18 @@ def check_spec(spec: StudySpec) -> StudySpec:
                             f"'{root}{'s' if root == 'seed' else ''}' at the top level of the study file")
         if root not in routable:
             field_name = f"search.{name}" if any(p.name == name for p in spec.search) else f"fixed.{name}"
+            options = sorted(workload_option_names(spec)) or "none"
+            trainer = sorted(set(TRAINER_KEYS) - {"epochs", "seed"})
             raise SpecError(f"{field_name}: not a setting of optimizer {spec.optimizer!r}, of the trainer or of "
-                            f"workload {spec.workload!r}; accepted: {sorted(routable)}")
+                            f"workload {spec.workload!r}; the workload's options: {options}; the optimizer's: "
+                            f"{sorted(accepted_optimizer)}; the trainer's: {trainer}")
     fixed = dict(_flatten(spec.fixed))
     _validate_fixed(spec, fixed, None)  # the option values, before the build below uses them
     try:
         _, fixed_options, _ = split_settings(spec, nest(fixed))
         probe = probe_workload(spec, fixed_options)
     except WorkloadError as exc:  # a UserError, hence a ValueError too: first
-        raise SpecError(f"workload: {exc}") from None
+        raise _workload_error(exc) from None
     except (ValueError, TypeError) as exc:
         raise SpecError(f"fixed: {_first_line(exc)}") from None
     n_train = probe.n_train if probe is not None else None
@@ -269,6 +272,12 @@ def _validate_fixed(spec: StudySpec, fixed: Mapping[str, Any], n_train: int | No
         # the fixed settings are wrong only if they fail together with a complete assignment too, and what that
         # assignment fails on is the fault (not the incompleteness the search fills in).
         _validate_settings(spec, {**fixed, **_complete_assignment(spec.search, {})}, "fixed", n_train)
+
+
+def _workload_error(exc: Exception) -> SpecError:
+    """A workload's one line, naming the field (``workload``) once."""
+    text = str(exc)
+    return SpecError(text if text.startswith("workload ") else f"workload: {text}")
 
 
 def _builtin_metric(workload: Workload) -> Metric | None:
