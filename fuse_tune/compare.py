@@ -185,11 +185,12 @@ def method_study(comparison: Comparison, method: str) -> dict[str, Any]:
         "name": f"{comparison.name}-{method}",
         "description": f"{method} on {comparison.workload}: tuning for the comparison {comparison.name}",
         "workload": comparison.workload, "optimizer": method, "epochs": comparison.epochs,
-        "workload_path": list(comparison.workload_path),  # the comparison file's folders, not the written study's
         "seeds": list(comparison.tuning["seeds"]), "fixed": fixed, "objective": dict(comparison.objective),
         "budget": {"trials": comparison.tuning["trials"]}, "sampler": dict(comparison.tuning["sampler"]),
         "pruner": dict(comparison.tuning["pruner"]),
     }
+    if ":" in comparison.workload:  # a user's builder: found from the comparison file's folders, not the study's
+        study["workload_path"] = list(comparison.workload_path)
     if comparison.data_dir is not None:
         study["data_dir"] = comparison.data_dir  # a relative folder is read from where fuse-tune runs
     if entry["search"]:
