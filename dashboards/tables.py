@@ -34,7 +34,7 @@ __all__ = ["THRESHOLDS", "empty", "objective_of", "final_values", "sensitivity_t
            "learning_curve_table", "theta_schedule_table", "history_batch_table", "switch_ecdf_table",
            "performance_profile_table", "importance_table", "best_configurations", "comparison_table",
            "comparison_markdown", "COMPARISON_METRICS", "comparison_metrics",
-           "test_counterpart", "paired_differences", "paired_markdown"]
+           "test_counterpart", "reported_of", "paired_differences", "paired_markdown"]
 
 #: switch criterion -> the parameter that sets its threshold, and whether its axis is logarithmic
 THRESHOLDS: dict[str, tuple[str, bool]] = {"epoch": ("switch.epoch", False), "step": ("switch.step", False),
@@ -54,6 +54,15 @@ def empty(reason: str, columns: Sequence[str] = ()) -> pd.DataFrame:
 def _studies(table: pd.DataFrame) -> str:
     names = sorted(table["study"].unique()) if "study" in table and len(table) else []
     return ", ".join(names) if names else "the runs"
+
+
+def reported_of(table: pd.DataFrame) -> str:
+    """What a report shows as the final result: the test split's counterpart of the objective where the runs
+    logged it (a comparison's reruns: ``val_accuracy`` selected, ``test_accuracy`` reported), else the objective
+    (a study's trials never evaluate the test split)."""
+    objective = objective_of(table)
+    test = test_counterpart(objective)
+    return test if test is not None and "metric" in table and test in set(table["metric"]) else objective
 
 
 def objective_of(table: pd.DataFrame) -> str:
@@ -154,7 +163,7 @@ def sensitivity_table(table: pd.DataFrame, metric: str | None = None) -> pd.Data
 def seed_variance_table(table: pd.DataFrame, metric: str | None = None, top: int = 12) -> pd.DataFrame:
     """Final ``metric`` per (complete trial, seed) for the ``top`` variants of each workload by mean over seeds
     (rank 1 = best). Columns: workload, study, optimizer, variant, trial, seed, value, rank, metric."""
-    metric = metric or objective_of(table)
+    metric = metric or reported_of(table)
     finals = final_values(table, metric)
     if finals.empty:
         return empty(finals.attrs["reason"])
@@ -181,7 +190,7 @@ def learning_curve_table(table: pd.DataFrame, metrics: Sequence[str] | None = No
         return empty(f"no per-epoch metrics in {_studies(table)}")
     rank_metric = rank_metric or objective_of(table)
     if metrics is None:
-        metrics = list(dict.fromkeys((Metrics.TRAIN_LOSS, objective_of(table))))
+        metrics = list(dict.fromkeys((Metrics.TRAIN_LOSS, objective_of(table), reported_of(table))))
     finals = final_values(table, rank_metric)
     if finals.empty:
         return empty(finals.attrs["reason"])
@@ -279,8 +288,9 @@ def performance_profile_table(table: pd.DataFrame, by: str | None = None) -> pd.
     criteria when the table has one optimizer), each solver at its best configuration per workload (the best
     mean final objective over seeds among its complete trials).
 
-    The cost of a solver on a problem is ``1 - value`` for a maximized objective (accuracy -> error) and the
-    value itself otherwise, floored at 1e-12; ``ratio = cost / min over solvers``; the profile
+    The cost of a solver on a problem is its final reported metric (:func:`reported_of`: the test split's in a
+    comparison's reruns), ``1 - value`` for a maximized one (accuracy -> error) and the value itself otherwise,
+    floored at 1e-12; ``ratio = cost / min over solvers``; the profile
     ``rho_s(tau)`` is the share of problems with ``ratio <= tau``. Problems some solver did not run are left
     out. Columns: solver, tau, fraction, n_problems."""
     if table.empty:
@@ -289,16 +299,21 @@ def performance_profile_table(table: pd.DataFrame, by: str | None = None) -> pd.
         by = "optimizer" if table["optimizer"].nunique() > 1 else "criterion"
     parts, reasons = [], []
     for workload, rows in table.groupby("workload"):
-        metric = objective_of(rows)
+        metric, shown = objective_of(rows), reported_of(rows)
         finals = final_values(rows, metric)
         if finals.empty:
             reasons.append(finals.attrs["reason"])
             continue
         finals = finals.assign(solver=finals[by].where(finals[by] != "", finals["optimizer"]))
-        maximize = objective_direction(metric) == MAXIMIZE
-        ranks = _rank_variants(finals, metric, by=("solver",))
+        maximize = objective_direction(shown) == MAXIMIZE
+        ranks = _rank_variants(finals, metric, by=("solver",))  # each solver's configuration chosen on the objective
         best = ranks[ranks["rank"] == 1][["solver", "variant"]]
         chosen = finals.merge(best, on=["solver", "variant"])
+        if shown != metric:  # ... and costed on the test split the reruns report
+            reported = final_values(rows, shown)
+            chosen = chosen[["solver", "variant", "seed"]].merge(
+                reported.assign(solver=reported[by].where(reported[by] != "", reported["optimizer"])),
+                on=["solver", "variant", "seed"])
         cost = (1.0 - chosen["value"]) if maximize else chosen["value"]
         chosen = chosen.assign(cost=cost.clip(lower=1e-12), problem=[f"{workload}/seed {s}" for s in chosen["seed"]])
         parts.append(chosen.groupby(["problem", "solver"])["cost"].mean().reset_index())
