@@ -43,3 +43,15 @@ def mlflow_server():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, restored after (small models: threads cost more than they give, and two
+    test processes on two cores would fight over them)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -38,12 +38,7 @@ NAMES = ("pinn-convection", "pinn-reaction", "pinn-wave")
 SMALL = {"n_residual": 400, "n_x": 33, "n_t": 21, "n_validation": 128}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pdes() -> list[PDE]:

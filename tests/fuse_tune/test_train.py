@@ -11,13 +11,7 @@ from benchmarks.bench_test_functions import FUNCTIONS, compare
 from fuse_tune.optimizers import AdamThenSGD, build_optimizer
 from fuse_tune.train import TrainConfig, train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 #: digits' training split: 1,347 less the 224 samples held out for validation
