@@ -157,6 +157,11 @@ def _command_train(args: argparse.Namespace) -> int:
               f"{final.switch_reason}")
     elif config.optimizer in ("fuse_pv", "adam_sgd", "adam_lbfgs"):
         print("  no switch happened")
+    for key, when in result.reached.items():
+        print(f"  {key} reached at epoch {int(when['epoch'])}: {int(when['grad_evals'])} gradient evaluations, "
+              f"{when['wall_time']:.2f} s of training")
+    for key in (key for key in result.targets if key not in result.reached):
+        print(f"  {key} not reached")
     if result.stopped_early:
         print("  stopped early: the training loss became non-finite")
     if args.json:

@@ -56,6 +56,10 @@ class TrainConfig:
         eval_batch_size: samples per forward pass during evaluation.
         target_loss: when set, the wall time and gradient evaluations at which the full training
             loss first fell to this value are reported.
+        metric_targets: measures to time, ``{"test_l2re": [0.1, 0.01]}``: for each target, the epoch, gradient
+            evaluations and training wall time at which the measure (evaluated after each epoch, so to within an
+            epoch) first reached it, at or below for a minimized measure, at or above for a maximized one
+            (``TrainResult.reached``, keyed ``"test_l2re<=0.1"``).
         evaluate_test: evaluate the test split after each epoch too (a study's trials select on the
             validation split and leave the test split alone: ``False``).
         num_workers: DataLoader worker processes for workloads whose data is a ``Dataset`` (0: in process).
@@ -76,6 +80,7 @@ class TrainConfig:
     download: bool = False
     eval_batch_size: int = 4096
     target_loss: float | None = None
+    metric_targets: dict[str, Any] = field(default_factory=dict)
     evaluate_test: bool = True
     num_workers: int = 0
     full_batch: bool = False
@@ -93,6 +98,7 @@ class TrainConfig:
             _positive_int(self.threads, "threads")
         if self.grad_eval_budget is not None:
             _positive_int(self.grad_eval_budget, "grad_eval_budget")
+        _target_values(self.metric_targets)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not isinstance(self.full_batch, bool):
@@ -106,6 +112,20 @@ class TrainConfig:
 #: TrainConfig fields that ``--set key=value`` may change
 TRAINER_KEYS = tuple(f.name for f in fields(TrainConfig)
                      if f.name not in ("workload", "optimizer", "optimizer_args", "workload_options", "workload_path"))
+
+
+def _target_values(targets: Any) -> dict[str, list[float]]:
+    """``metric_targets`` as ``{measure: [targets]}``; a one-line ``ValueError`` naming the field otherwise."""
+    if not isinstance(targets, Mapping):
+        raise ValueError(f"metric_targets must map a measure to a target or a list of them, got {targets!r}")
+    out: dict[str, list[float]] = {}
+    for measure, values in targets.items():
+        values = values if isinstance(values, list | tuple) else [values]
+        if not values or any(isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+                             for v in values):
+            raise ValueError(f"metric_targets.{measure} must be a finite number or a list of them, got {values!r}")
+        out[str(measure)] = [float(v) for v in values]
+    return out
 
 
 def _positive_int(value: Any, name: str) -> None:
@@ -180,6 +200,10 @@ class TrainResult:
     time_to_target: float | None = None
     grad_evals_to_target: int | None = None
     stopped_early: bool = False
+    #: ``"<measure><=<target>"`` (or ``>=``) -> ``{"epoch", "grad_evals", "wall_time"}`` when it was first reached
+    reached: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: every key ``reached`` may get (the config's ``metric_targets``), reached or not
+    targets: list[str] = field(default_factory=list)
 
     @property
     def final(self) -> EpochMetrics:
@@ -259,6 +283,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.counter = _Counter()
         self.result = TrainResult(config, [])
+        self.result.targets = list(self._targets())
         self.wall = 0.0
         self.steps = 0
         self._loss_checked = False
@@ -318,9 +343,33 @@ class Trainer:
         target = self.config.target_loss
         if target is not None and result.time_to_target is None and metrics.train_loss <= target:
             result.time_to_target, result.grad_evals_to_target = metrics.wall_time, metrics.grad_evals
+        self._record_targets(metrics)
         if not math.isfinite(metrics.train_loss):
             result.stopped_early = True
         return metrics
+
+    def _targets(self) -> dict[str, tuple[str, float, bool]]:
+        """``metric_targets`` as ``{"test_l2re<=0.1": (measure, target, maximize)}``."""
+        return {f"{measure}{'>=' if maximize else '<='}{target:g}": (measure, target, maximize)
+                for measure, targets in _target_values(self.config.metric_targets).items()
+                for maximize in (self._direction(measure) == "maximize",) for target in targets}
+
+    def _record_targets(self, metrics: EpochMetrics) -> None:
+        """First epoch at which each of ``metric_targets`` was reached (TrainResult.reached)."""
+        for key, (measure, target, maximize) in self._targets().items():
+            value = metrics.value(measure)
+            if key in self.result.reached or value is None or not math.isfinite(value):
+                continue
+            if value >= target if maximize else value <= target:
+                self.result.reached[key] = {"epoch": metrics.epoch, "grad_evals": metrics.grad_evals,
+                                            "wall_time": metrics.wall_time}
+
+    def _direction(self, measure: str) -> str:
+        """The workload metric's direction for ``val_<metric>``/``test_<metric>``; minimize for losses."""
+        metric = self.problem.metric if self.problem is not None else None
+        if metric is not None and measure.split("_", 1)[-1] == metric.name:
+            return metric.direction
+        return "minimize"
 
     def _supervised_epoch(self, record: Callable[[torch.Tensor], None]) -> None:
         """One pass over the training split in a seeded order; the batch size is the current phase's.
@@ -432,6 +481,7 @@ class Trainer:
             "history": [m.as_dict() for m in self.result.history],
             "time_to_target": self.result.time_to_target,
             "grad_evals_to_target": self.result.grad_evals_to_target,
+            "reached": dict(self.result.reached),
             "stopped_early": self.result.stopped_early,
         }
         if self.function is not None:
@@ -449,6 +499,7 @@ class Trainer:
         self.result.history[:] = [EpochMetrics(**m) for m in state["history"]]
         self.result.time_to_target = state["time_to_target"]
         self.result.grad_evals_to_target = state["grad_evals_to_target"]
+        self.result.reached = dict(state.get("reached", {}))
         self.result.stopped_early = state["stopped_early"]
 
 

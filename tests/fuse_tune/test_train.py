@@ -212,3 +212,21 @@ def test_an_evaluation_budget_stops_mid_epoch_after_the_step_that_spends_it(opti
     assert len(result.history) < 50 and final.steps < 50 * 20
     with pytest.raises(ValueError, match="grad_eval_budget must be an integer >= 1"):
         TrainConfig(workload="rosenbrock", optimizer="adam", grad_eval_budget=0).validate()
+
+
+def test_metric_targets_record_the_first_epoch_each_target_was_reached():
+    """metric_targets: the epoch, evaluations and wall time at which a measure first reached each target, in the
+    measure's direction (accuracy up, loss down), checked against the history."""
+    config = digits("fuse_pv", epochs=4, optimizer_args={"lr": 1e-2},
+                    metric_targets={"val_accuracy": [0.5, 0.99999], "train_loss": 1.0})
+    result = train(config)
+    history = result.history
+    first = next(m for m in history if m.scores["val_accuracy"] >= 0.5)
+    assert result.reached["val_accuracy>=0.5"] == {"epoch": first.epoch, "grad_evals": first.grad_evals,
+                                                   "wall_time": first.wall_time}
+    loss_first = next(m for m in history if m.train_loss <= 1.0)
+    assert result.reached["train_loss<=1"]["epoch"] == loss_first.epoch
+    assert "val_accuracy>=0.99999" not in result.reached  # not reached in 4 epochs
+    assert result.targets == ["val_accuracy>=0.5", "val_accuracy>=0.99999", "train_loss<=1"]
+    with pytest.raises(ValueError, match="metric_targets.val_accuracy must be a finite number"):
+        digits("adam", metric_targets={"val_accuracy": "high"}).validate()
