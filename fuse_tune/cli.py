@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fuse_tune.errors import UserError
+from fuse_tune.errors import UserError, first_line
 from fuse_tune.records import REPORT_ARTIFACT_DIR, redact
 
 __all__ = ["main", "parse_assignments"]
@@ -100,7 +100,7 @@ def _format_epoch(m: Any) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return first_line(exc) or type(exc).__name__
 
 
 def _command_train(args: argparse.Namespace) -> int:

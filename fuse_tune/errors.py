@@ -14,7 +14,7 @@ This module imports nothing, so that every layer (the dashboards included) can r
 
 from __future__ import annotations
 
-__all__ = ["UserError"]
+__all__ = ["UserError", "first_line"]
 
 
 class UserError(ValueError):
@@ -22,3 +22,9 @@ class UserError(ValueError):
 
     A ``ValueError`` so that code (and tests) written against the ``ValueError``s these replaced still catch it.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none): what a one-line error quotes of it."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fuse_tune.errors import first_line
 from fuse_tune.optimizers import OPTIMIZERS, accepted_arguments, build_optimizer
 from fuse_tune.records import (
     EPOCH_MEAN_METRICS,
@@ -66,7 +67,7 @@ def workload_option_names(workload: StudySpec | Workload | str) -> set[str]:
         workload = get_workload(workload.workload, workload.workload_path)
     elif isinstance(workload, str):
         workload = get_workload(workload)
-    return set(workload.accepted_options())
+    return set(workload.defaults)
 
 
 def split_settings(spec_or_name: StudySpec | Workload | str, settings: Mapping[str, Any]) -> tuple[dict, dict, dict]:
@@ -135,11 +136,6 @@ def probe_workload(spec: StudySpec, options: Mapping[str, Any]) -> Probe | None:
     except DatasetNotFound:
         return None
     return Probe(split_size(instance.problem.train), instance.problem.metric)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def resolve_objective(spec: StudySpec, metric: Metric | None) -> StudySpec:
@@ -230,7 +226,7 @@ def check_spec(spec: StudySpec) -> StudySpec:
     except WorkloadError as exc:  # a UserError, hence a ValueError too: first
         raise _workload_error(exc) from None
     except (ValueError, TypeError) as exc:
-        raise SpecError(f"fixed: {_first_line(exc)}") from None
+        raise SpecError(f"fixed: {first_line(exc)}") from None
     n_train = probe.n_train if probe is not None else None
     if n_train is not None:
         _validate_fixed(spec, fixed, n_train)  # batch sizes against the training split

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fuse_optim.test_functions import get_test_function
-from fuse_tune.errors import UserError
+from fuse_tune.errors import UserError, first_line
 from fuse_tune.workloads.datasets import DataBundle, DatasetNotFound, load_dataset
 from fuse_tune.workloads.functions import FunctionModule, add_gradient_noise
 from fuse_tune.workloads.interface import (
@@ -354,9 +354,9 @@ def call_builder(workload: Workload, options: Mapping[str, Any], *, seed: int,
     except Exception as exc:
         if workload.dataset is not None:  # a built-in's: a bad option value (ValueError) or a bug of ours
             raise
-        text = str(exc).strip()
+        text = first_line(exc)
         raise WorkloadError(f"workload {workload.name!r}: the builder raised {type(exc).__name__}"
-                            f"{': ' + text.splitlines()[0] if text else ''}") from exc
+                            f"{': ' + text if text else ''}") from exc
     return check_problem(problem, workload.name)
 
 

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from fuse_tune.errors import UserError
+from fuse_tune.errors import UserError, first_line
 
 __all__ = [
     "ACCURACY",
@@ -314,10 +314,6 @@ class Workload:
         """Every option with its default."""
         return {option.name: option.default for option in self.options}
 
-    def accepted_options(self) -> dict[str, Any]:
-        """Every option with its default (the keywords the builder accepts besides its context)."""
-        return self.defaults
-
     def check_options(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Defaults overlaid with ``values``, each checked against its declared type; ``ValueError`` naming the
         option for an unknown one or a value of the wrong type."""
@@ -375,18 +371,13 @@ def import_builder(reference: str, search_path: Sequence[str | Path] = ()) -> Ca
         raise WorkloadError(f"workload {reference!r}: importing {module_name} failed: {exc}") from None
     except Exception as exc:  # the user's module raised while importing
         raise WorkloadError(f"workload {reference!r}: importing {module_name} failed: "
-                            f"{type(exc).__name__}: {_first_line(exc)}") from None
+                            f"{type(exc).__name__}: {first_line(exc)}") from None
     target: Any = module
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise WorkloadError(f"workload {reference!r}: module {module_name} has no {attribute!r}")
         target = getattr(target, part)
     return target
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
 
 
 # ------------------------------------------------------------------ checking what a builder returned
@@ -471,7 +462,7 @@ def check_runs(problem: Problem, name: str) -> None:
             value = value + problem.penalty(problem.model)
     except Exception as exc:
         raise WorkloadError(f"workload {name!r}: the model or the loss raised {type(exc).__name__} on a batch of "
-                            f"the training data: {_first_line(exc)}") from None
+                            f"the training data: {first_line(exc)}") from None
     finally:
         with torch.no_grad():  # the probe must not move BatchNorm's running statistics
             for buffer_name, buffer in problem.model.named_buffers():
@@ -484,7 +475,7 @@ def check_runs(problem: Problem, name: str) -> None:
             float(problem.metric.finish(score) if problem.metric.finish is not None else score)
         except Exception as exc:
             raise WorkloadError(f"workload {name!r}: the metric {problem.metric.name!r} raised "
-                                f"{type(exc).__name__}: {_first_line(exc)} (a scalar batch mean, or sums for finish)"
+                                f"{type(exc).__name__}: {first_line(exc)} (a scalar batch mean, or sums for finish)"
                                 ) from None
 
 
