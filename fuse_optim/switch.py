@@ -371,11 +371,23 @@ CRITERIA: dict[str, type[SwitchCriterion]] = {
 }
 
 
+#: the key only one criterion takes: ``{"epoch": 5}`` means ``{"criterion": "epoch", "epoch": 5}``
+_OWN_KEY = {"epoch": "epoch", "step": "step", "zeta": "grad_norm", "sigma": "loss_change"}
+
+
+def _implied_criterion(options: Mapping[str, Any]) -> str | None:
+    """The criterion a dict without ``criterion`` names by its keys: exactly one criterion's own key, else None."""
+    implied = {_OWN_KEY[key] for key in options if key in _OWN_KEY}
+    return implied.pop() if len(implied) == 1 else None
+
+
 def make_criterion(spec: SwitchCriterion | Mapping[str, Any] | str) -> SwitchCriterion:
     """Build a criterion from an instance (returned as is), a plain dict or a bare name.
 
     >>> make_criterion({"criterion": "grad_norm", "zeta": 1e-3})
     GradNormCriterion(zeta=0.001, window=None)
+    >>> make_criterion({"epoch": 5})  # a key only one criterion takes names it
+    EpochCriterion(epoch=5)
     """
     if isinstance(spec, SwitchCriterion):
         return spec
@@ -385,8 +397,11 @@ def make_criterion(spec: SwitchCriterion | Mapping[str, Any] | str) -> SwitchCri
         raise ValueError(f"switch must be a SwitchCriterion or a dict with a 'criterion' key, got {spec!r}")
     options = dict(spec)
     kind = options.pop("criterion", None)
+    if kind is None:
+        kind = _implied_criterion(options)
     if kind not in CRITERIA:
-        raise ValueError(f"switch criterion must be one of {sorted(CRITERIA)}, got {kind!r}")
+        raise ValueError(f"switch criterion must be one of {sorted(CRITERIA)}, got {kind!r} (name it with "
+                         f"'criterion', or give the one key only a single criterion takes: {sorted(_OWN_KEY)})")
     cls = CRITERIA[kind]
     if cls in (AnyOf, AllOf):
         unknown = set(options) - {"of"}

@@ -43,6 +43,9 @@ class TrainConfig:
             (``None``: unchanged).
         steps_per_epoch: steps that make an "epoch" on a test function (no data set there), and with
             ``full_batch``.
+        steps_per_epoch_after_switch: steps that make an epoch once the optimizer is in its second phase
+            (``None``: unchanged). One step of ``torch.optim.LBFGS(max_iter=20)`` is up to 25 evaluations where an
+            Adam step is one: 5 steps after the switch keep an epoch near 100 evaluations for 100 Adam steps before.
         grad_eval_budget: stop once this many closure calls (gradient evaluations) were made, mid-epoch if need be
             (the last epoch is then shorter): methods compared at equal evaluations, not equal steps
             (``torch.optim.LBFGS`` with ``max_iter=20`` makes up to 25 calls a step). ``None``: epochs only.
@@ -73,6 +76,7 @@ class TrainConfig:
     batch_size: int = 64
     batch_size_after_switch: int | None = None
     steps_per_epoch: int = 50
+    steps_per_epoch_after_switch: int | None = None
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
@@ -93,6 +97,8 @@ class TrainConfig:
         if self.batch_size_after_switch is not None:
             _positive_int(self.batch_size_after_switch, "batch_size_after_switch")
         _positive_int(self.steps_per_epoch, "steps_per_epoch")
+        if self.steps_per_epoch_after_switch is not None:
+            _positive_int(self.steps_per_epoch_after_switch, "steps_per_epoch_after_switch")
         _positive_int(self.eval_batch_size, "eval_batch_size")
         if self.threads is not None:
             _positive_int(self.threads, "threads")
@@ -407,10 +413,10 @@ class Trainer:
                 inputs, targets = first_batch(train, len(train))
                 self._whole_train = (_move(inputs, self.device), _move(targets, self.device))
         self.model.train()
-        for _ in range(self.config.steps_per_epoch):
-            if self._budget_spent():
-                break
+        steps = 0
+        while steps < _steps_per_epoch(self.config, self.optimizer) and not self._budget_spent():
             self._step(*self._whole_train, record)
+            steps += 1
 
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor, record: Callable[[torch.Tensor], None]) -> None:
         """One optimizer step whose closure evaluates the objective on this minibatch (every call the same)."""
@@ -462,11 +468,11 @@ class Trainer:
             instance.add_noise()
             return loss
 
-        for _ in range(self.config.steps_per_epoch):
-            if self._budget_spent():
-                break
+        steps = 0
+        while steps < _steps_per_epoch(self.config, optimizer) and not self._budget_spent():
             optimizer.step(self.counter.wrap(closure, 1, record))
             self.steps += 1
+            steps += 1
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: model, optimizer, generators, counters, history."""
@@ -560,6 +566,13 @@ def _batch_size(config: TrainConfig, optimizer: Any) -> int:
     if config.batch_size_after_switch is not None and _in_second_phase(optimizer):
         return config.batch_size_after_switch
     return config.batch_size
+
+
+def _steps_per_epoch(config: TrainConfig, optimizer: Any) -> int:
+    """The steps that make an epoch (full batch, test functions) in the optimizer's current phase."""
+    if config.steps_per_epoch_after_switch is not None and _in_second_phase(optimizer):
+        return config.steps_per_epoch_after_switch
+    return config.steps_per_epoch
 
 
 def _sync(device: torch.device) -> None:

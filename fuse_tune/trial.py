@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from fuse_optim.switch import make_criterion
 from fuse_tune.errors import first_line
 from fuse_tune.optimizers import OPTIMIZERS, accepted_arguments, build_optimizer
 from fuse_tune.records import (
@@ -502,10 +503,10 @@ def start_study_run(spec: StudySpec, tracking_uri: str | None, n_trials: int, ba
 
 def trial_tags(spec: StudySpec, settings: Mapping[str, Any], number: int, backend: str) -> dict[str, Any]:
     """Tags of a trial's child run (the same keys from every backend, so dashboards cannot tell them apart)."""
-    switch = settings.get("switch", "")
+    switch = settings.get("switch") or ""
     return {Tags.STUDY: spec.name, Tags.TRIAL: number, Tags.WORKLOAD: spec.workload,
             Tags.OPTIMIZER: spec.optimizer, Tags.SEEDS: ",".join(map(str, spec.seeds)),
-            Tags.CRITERION: (switch or {}).get("criterion", "") if isinstance(switch, dict) else switch,
+            Tags.CRITERION: make_criterion(switch).name if isinstance(switch, dict) else switch,
             Tags.BACKEND: backend, **versions()}
 
 

@@ -172,9 +172,21 @@ def test_make_criterion_round_trips_its_config(spec: dict) -> None:
     assert make_criterion(criterion) is criterion
 
 
+@pytest.mark.parametrize(("spec", "expected"), [
+    ({"epoch": 5}, {"criterion": "epoch", "epoch": 5}),
+    ({"step": 0}, {"criterion": "step", "step": 0}),
+    ({"zeta": 1e-3, "window": 4}, {"criterion": "grad_norm", "zeta": 1e-3, "window": 4}),
+    ({"sigma": 1e-4, "relative": True}, {"criterion": "loss_change", "sigma": 1e-4, "window": None, "relative": True}),
+])
+def test_a_key_only_one_criterion_takes_names_it(spec: dict, expected: dict) -> None:
+    """``--set switch.epoch=5`` means the epoch criterion: the criterion is implied by its own key."""
+    assert make_criterion(spec).config() == expected
+
+
 @pytest.mark.parametrize(("spec", "named"), [
     ({"criterion": "epochs", "epoch": 5}, "criterion"),
-    ({"epoch": 5}, "criterion"),
+    ({"window": 3}, "criterion"),  # no criterion named, and no key that names one
+    ({"epoch": 5, "zeta": 1.0}, "criterion"),  # keys of two criteria
     ("sometimes", "criterion"),
     (5, "switch"),
     ({"criterion": "epoch", "epoch": 5, "patience": 2}, "patience"),

@@ -214,6 +214,26 @@ def test_an_evaluation_budget_stops_mid_epoch_after_the_step_that_spends_it(opti
         TrainConfig(workload="rosenbrock", optimizer="adam", grad_eval_budget=0).validate()
 
 
+@pytest.mark.parametrize("full_batch", [False, True])
+def test_steps_per_epoch_after_switch_takes_over_once_the_second_phase_began(full_batch):
+    """steps_per_epoch_after_switch: the epochs after the switch are that many steps (a torch L-BFGS step is up to
+    25 evaluations where an Adam step is one), on a test function and on a full-batch data set alike."""
+    switched = {"lr": 1e-2, "switch": {"criterion": "epoch", "epoch": 2}}
+    if full_batch:
+        config = TrainConfig(workload="pinn-reaction", optimizer="adam_lbfgs", epochs=4, full_batch=True,
+                             steps_per_epoch=6, steps_per_epoch_after_switch=2, device="cpu", evaluate_test=False,
+                             workload_options={"n_residual": 100, "n_x": 17, "n_t": 11, "n_validation": 32,
+                                               "width": 8},
+                             optimizer_args={**switched, "lr": 1e-3})
+    else:
+        config = TrainConfig(workload="rosenbrock", optimizer="adam_lbfgs", epochs=4, steps_per_epoch=6,
+                             steps_per_epoch_after_switch=2, optimizer_args=switched)
+    steps = [m.steps for m in train(config).history]
+    assert steps == [6, 12, 14, 16]
+    with pytest.raises(ValueError, match="steps_per_epoch_after_switch must be an integer >= 1"):
+        TrainConfig(workload="rosenbrock", steps_per_epoch_after_switch=0).validate()
+
+
 def test_metric_targets_record_the_first_epoch_each_target_was_reached():
     """metric_targets: the epoch, evaluations and wall time at which a measure first reached each target, in the
     measure's direction (accuracy up, loss down), checked against the history."""
