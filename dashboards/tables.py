@@ -34,7 +34,8 @@ __all__ = ["THRESHOLDS", "empty", "objective_of", "final_values", "sensitivity_t
            "learning_curve_table", "theta_schedule_table", "history_batch_table", "switch_ecdf_table",
            "performance_profile_table", "importance_table", "best_configurations", "comparison_table",
            "comparison_markdown", "COMPARISON_METRICS", "comparison_metrics",
-           "test_counterpart", "reported_of", "paired_differences", "paired_markdown"]
+           "test_counterpart", "reported_of", "paired_differences", "paired_markdown", "target_table",
+           "target_markdown"]
 
 #: switch criterion -> the parameter that sets its threshold, and whether its axis is logarithmic
 THRESHOLDS: dict[str, tuple[str, bool]] = {"epoch": ("switch.epoch", False), "step": ("switch.step", False),
@@ -432,20 +433,27 @@ def comparison_metrics(objective: str) -> tuple[tuple[str, str, int], ...]:
 COMPARISON_METRICS = comparison_metrics(Metrics.VAL_ACCURACY)
 
 
+def _best(values: np.ndarray, metric: str) -> float:
+    """The best seed's value in the metric's direction (the paper reports its best run); NaN for none or NaN."""
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return np.nan
+    return float(finite.max() if objective_direction(metric) == MAXIMIZE else finite.min())
+
+
 def comparison_table(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per method (optimizer) of a comparison's reruns: for each of :data:`COMPARISON_METRICS` the mean
-    and the std over seeds (:func:`seed_std`, ddof 1) of the value at the last epoch, the number of seeds, the
+    """One row per method (optimizer) of a comparison's reruns: for each of :data:`COMPARISON_METRICS` the mean,
+    the std over seeds (:func:`seed_std`, ddof 1), the median and the best seed's value (``.best``, in the metric's
+    direction) at the last epoch, the number of seeds, the
     switch epoch over seeds (mean, min, max; NaN for methods that never switch or did not switch) and the
     diverged seeds (a non-finite final train loss). A method with several complete runs (a rerun of another
     configuration) contributes its latest-by-trial run only. Rows are ordered by mean of the objective, best
     first."""
     if table.empty:
         return empty(f"no per-epoch metrics in {_studies(table)}")
-    complete = table[table["state"] == STATE_COMPLETE]
+    complete = _latest_complete(table)
     if complete.empty:
         return empty(f"no complete rerun in {_studies(table)}")
-    latest = complete.groupby("optimizer")["trial"].transform("max")
-    complete = complete[complete["trial"] == latest]
     objective = objective_of(complete)
     measured = comparison_metrics(objective)
     rows = []
@@ -456,6 +464,8 @@ def comparison_table(table: pd.DataFrame) -> pd.DataFrame:
             values = finals["value"].to_numpy(dtype=float) if not finals.empty else np.array([])
             row[f"{metric}.mean"] = float(np.mean(values)) if values.size else np.nan
             row[f"{metric}.std"] = seed_std(values)
+            row[f"{metric}.median"] = float(np.median(values)) if values.size else np.nan
+            row[f"{metric}.best"] = _best(values, metric)
             if metric == Metrics.TRAIN_LOSS:
                 row["seeds"] = int(values.size)
                 row["diverged"] = int((~np.isfinite(values)).sum())
@@ -474,12 +484,25 @@ def comparison_table(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _number(value: float, digits: int, scale: float | None = None) -> str:
+    """``digits`` decimals, or 3 significant digits when ``scale`` (default: the value) is below 0.01 in magnitude,
+    where decimals would flatten it (an L2RE of 4.19e-3 is not 0.0042); a std takes its mean's scale."""
+    scale = value if scale is None else scale
+    if scale != 0 and np.isfinite(scale) and abs(scale) < 0.01 and digits > 0:
+        return f"{value:.2e}"
+    return f"{value:.{digits}f}"
+
+
 def comparison_markdown(table: pd.DataFrame) -> str:
-    """The comparison table as Markdown: ``mean ± std`` cells, the switch epoch as ``mean (min-max)``."""
+    """The comparison table as Markdown: ``mean ± std`` cells, then the median and the best seed of the reported
+    metric, the switch epoch as ``mean (min-max)``."""
     if table.empty:
         return f"_{table.attrs.get('reason', 'no data')}_\n"
     measured = table.attrs.get("metrics", COMPARISON_METRICS)
-    header = ["method", "seeds"] + [name for _, name, _ in measured] + ["switch epoch", "settings"]
+    reported = measured[1] if len(measured) > 1 and measured[1][0].startswith(TEST_PREFIX) else measured[0]
+    names = [name for _, name, _ in measured]
+    names.insert(names.index(reported[1]) + 1, f"{reported[1]} median (best)")
+    header = ["method", "seeds", *names, "switch epoch", "settings"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.to_dict("records"):
         diverged = f" ({row['diverged']} diverged)" if row["diverged"] else ""
@@ -487,7 +510,12 @@ def comparison_markdown(table: pd.DataFrame) -> str:
         for metric, _, digits in measured:
             mean, std = row[f"{metric}.mean"], row[f"{metric}.std"]
             cells.append("n/a" if not np.isfinite(mean) else
-                         f"{mean:.{digits}f} ± {std:.{digits}f}" if np.isfinite(std) else f"{mean:.{digits}f}")
+                         f"{_number(mean, digits)} ± {_number(std, digits, mean)}" if np.isfinite(std) else
+                         _number(mean, digits))
+            if metric == reported[0]:
+                median, best = row[f"{metric}.median"], row[f"{metric}.best"]
+                cells.append("n/a" if not np.isfinite(median) else
+                             f"{_number(median, digits)} ({_number(best, digits)})")
         if row["switched_seeds"]:
             low, high = row["switch_epoch.min"], row["switch_epoch.max"]
             spread = f" ({low:g}-{high:g})" if low != high else ""
@@ -495,6 +523,65 @@ def comparison_markdown(table: pd.DataFrame) -> str:
         else:
             cells.append("-")
         cells.append(str(row["variant"]).replace("|", "/"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _latest_complete(table: pd.DataFrame) -> pd.DataFrame:
+    """A comparison's complete reruns, each method's latest-by-trial run only (a rerun of another configuration
+    replaces the earlier one)."""
+    complete = table[table["state"] == STATE_COMPLETE]
+    latest = complete.groupby("optimizer")["trial"].transform("max")
+    return complete[complete["trial"] == latest]
+
+
+def target_table(table: pd.DataFrame, targets: Mapping[str, Sequence[float]]) -> pd.DataFrame:
+    """Time to target (a comparison's reruns): per method and target (``{"test_l2re": [0.1, 0.01]}``), on how many
+    seeds the measure reached it (at or below for a minimized measure, at or above for a maximized one) at the end
+    of some epoch, and over those seeds the median gradient evaluations and training wall time at the first such
+    epoch (the trainer's ``metric_targets``, read back from the per-epoch records). Columns: method, measure,
+    target, seeds, reached, grad_evals.median, wall_time.median, in the comparison table's method order."""
+    columns = ["method", "measure", "target", "seeds", "reached", "grad_evals.median", "wall_time.median"]
+    if table.empty:
+        return empty(f"no per-epoch metrics in {_studies(table)}", columns)
+    runs = _latest_complete(table)
+    rows = []
+    for measure, values in targets.items():
+        wide = runs[runs["metric"].isin([measure, Metrics.GRAD_EVALS, Metrics.WALL_TIME])].pivot_table(
+            index=["optimizer", "seed", "epoch"], columns="metric", values="value")
+        if measure not in wide:
+            return empty(f"{measure} is not logged by any rerun of {_studies(table)}", columns)
+        maximize = objective_direction(measure) == MAXIMIZE
+        for target in values:
+            hit = wide[measure] >= target if maximize else wide[measure] <= target
+            for optimizer, part in wide.groupby(level="optimizer", sort=False):
+                seeds = part.index.get_level_values("seed").nunique()
+                first = part[hit.loc[part.index]].groupby(level="seed").head(1)
+                rows.append({"method": optimizer, "measure": measure, "target": float(target), "seeds": seeds,
+                             "reached": len(first),
+                             "grad_evals.median": float(first[Metrics.GRAD_EVALS].median()) if len(first) else np.nan,
+                             "wall_time.median": float(first[Metrics.WALL_TIME].median()) if len(first) else np.nan})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def target_markdown(table: pd.DataFrame) -> str:
+    """:func:`target_table` as Markdown, one row per method, a pair of columns per target."""
+    if table.empty:
+        return f"_{table.attrs.get('reason', 'no data')}_\n"
+    goals = list(dict.fromkeys(zip(table["measure"], table["target"], strict=True)))
+    header = ["method"]
+    for measure, target in goals:
+        sign = ">=" if objective_direction(measure) == MAXIMIZE else "<="
+        header += [f"{measure} {sign} {target:g}: seeds", "evaluations (median)", "train time (s, median)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, part in table.groupby("method", sort=False):
+        cells = [f"`{method}`"]
+        for measure, target in goals:
+            row = part[(part["measure"] == measure) & (part["target"] == target)].iloc[0]
+            reached = row["reached"] > 0
+            cells += [f"{row['reached']}/{row['seeds']}",
+                      f"{row['grad_evals.median']:.0f}" if reached else "-",
+                      f"{row['wall_time.median']:.1f}" if reached else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -508,9 +595,7 @@ def paired_differences(table: pd.DataFrame, reference: str = "fuse_pv", metric: 
     if table.empty:
         return empty(f"no per-epoch metrics in {_studies(table)}")
     metric = metric or objective_of(table)
-    complete = table[table["state"] == STATE_COMPLETE]
-    latest = complete.groupby("optimizer")["trial"].transform("max")
-    finals = final_values(complete[complete["trial"] == latest], metric)
+    finals = final_values(_latest_complete(table), metric)
     if finals.empty or reference not in set(finals["optimizer"]):
         return empty(f"{reference} has no complete run in {_studies(table)}")
     wide = finals.pivot_table(index="seed", columns="optimizer", values="value")

@@ -230,6 +230,8 @@ def _command_compare(args: argparse.Namespace) -> int:
         comparison_table,
         paired_differences,
         paired_markdown,
+        target_markdown,
+        target_table,
         test_counterpart,
     )
     from fuse_tune.compare import run_comparison
@@ -255,12 +257,18 @@ def _command_compare(args: argparse.Namespace) -> int:
         paired = (f"\nPaired by seed, FUSE-PV against each method (final {measure}; t over "
                   f"{seeds} seeds, |t| > {critical:.2f} is p < 0.05 two-sided at {seeds - 1} degrees of freedom):"
                   "\n\n" + paired_markdown(paired_differences(frame, "fuse_pv", measure)))
+    reached = ""
+    if comparison.metric_targets:
+        reached = ("\nTime to target: on how many seeds each target was reached at the end of an epoch, and over "
+                   "those seeds the median gradient evaluations and training time until the first such epoch:\n\n"
+                   + target_markdown(target_table(frame, comparison.metric_targets)))
     tuned = [f"- `{p.method}`: best of {comparison.tuning['trials']} trials = trial {p.best_trial} "
              f"({p.tuning_value:.6g} on tuning seeds {comparison.tuning['seeds']}); study file {p.study_path}"
              if p.tuned else f"- `{p.method}`: fixed settings, not tuned ({p.study_path})" for p in plans]
     text = (f"# {comparison.name}: {comparison.workload}, {comparison.epochs} epochs\n\n"
-            f"Rerun on seeds {list(comparison.rerun_seeds)}; mean ± std over seeds (ddof 1) of the last epoch.\n\n"
-            f"{markdown}{paired}\nTuning:\n" + "\n".join(tuned) + "\n")
+            f"Rerun on seeds {list(comparison.rerun_seeds)}; mean ± std over seeds (ddof 1) of the last epoch, "
+            f"and the median and the best seed of the reported metric.\n\n"
+            f"{markdown}{reached}{paired}\nTuning:\n" + "\n".join(tuned) + "\n")
     (out / "results.md").write_text(text)
     table.to_csv(out / "results.csv", index=False)
     print(text)

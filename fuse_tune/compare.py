@@ -32,7 +32,9 @@ What :func:`run_comparison` does:
    A method whose rerun of that same configuration is already complete there is not trained again.
 3. The results table (:func:`dashboards.tables.comparison_table`, read back from MLflow): per method,
    mean and std over the rerun seeds of the final test metric and training loss, gradient
-   evaluations, training wall time and the switch epoch, with the tuned settings.
+   evaluations, training wall time and the switch epoch, with the tuned settings; the median and the best
+   seed of the test metric; with ``fixed.metric_targets`` (``{test_l2re: [0.1, 0.01]}``) the evaluations
+   and time each method took to reach each target (:func:`dashboards.tables.target_table`).
 """
 
 from __future__ import annotations
@@ -100,6 +102,13 @@ class Comparison:
     data_dir: str | None = None
     path: str | None = None
     workload_path: tuple[str, ...] = ()
+
+    @property
+    def metric_targets(self) -> dict[str, list[float]]:
+        """The shared ``fixed.metric_targets`` (``{"test_l2re": [0.1, 0.01]}``): the results' time-to-target table."""
+        prefix = "metric_targets."
+        return {key.removeprefix(prefix): list(value) if isinstance(value, list | tuple) else [value]
+                for key, value in _flatten(self.fixed) if key.startswith(prefix)}
 
 
 @dataclass

@@ -17,7 +17,14 @@ import pytest
 import yaml
 
 from dashboards.data import read_experiment, tidy
-from dashboards.tables import comparison_markdown, comparison_table, paired_differences, paired_markdown
+from dashboards.tables import (
+    comparison_markdown,
+    comparison_table,
+    paired_differences,
+    paired_markdown,
+    target_markdown,
+    target_table,
+)
 from fuse_tune.compare import load_comparison, method_study
 from fuse_tune.spec import SpecError
 from fuse_tune.train import TrainConfig, train
@@ -26,7 +33,7 @@ TINY = {
     "name": "tiny_cmp",
     "workload": "digits-logreg",
     "epochs": 2,
-    "fixed": {"batch_size": 128},
+    "fixed": {"batch_size": 128, "metric_targets": {"test_accuracy": [0.5, 0.999]}},
     "tuning": {"trials": 2, "seeds": [0], "sampler": {"name": "random", "seed": 3}},
     "rerun": {"seeds": [100, 101]},
     "methods": {
@@ -100,10 +107,14 @@ def test_comparison_table_means_stds_and_order():
     assert adam["test_accuracy.mean"] == pytest.approx(0.7)  # the test split's column beside it
     assert adam["seeds"] == 3 and adam["switched_seeds"] == 0
     assert table.set_index("method").loc["fuse_pv", "switch_epoch.mean"] == 1.0
+    # the median and the best seed, in each metric's direction (the paper reports its best run)
+    assert (adam["test_accuracy.median"], adam["test_accuracy.best"]) == (pytest.approx(0.7), pytest.approx(0.8))
+    assert (adam["train_loss.median"], adam["train_loss.best"]) == (pytest.approx(0.2), pytest.approx(0.1))
     text = comparison_markdown(table)
-    assert "| `fuse_pv` | 3 | 0.9300 ± 0.0200 | 0.8300 ± 0.0200 |" in text
-    assert "| `adam` | 3 | 0.8000 ± 0.1000 | 0.7000 ± 0.1000 |" in text
-    assert "| method | seeds | validation accuracy | test accuracy | final train loss |" in text
+    assert "| `fuse_pv` | 3 | 0.9300 ± 0.0200 | 0.8300 ± 0.0200 | 0.8300 (0.8500) |" in text
+    assert "| `adam` | 3 | 0.8000 ± 0.1000 | 0.7000 ± 0.1000 | 0.7000 (0.8000) |" in text
+    assert ("| method | seeds | validation accuracy | test accuracy | test accuracy median (best) | final train loss |"
+            in text)
 
     paired = paired_differences(pd.DataFrame(rows), "fuse_pv", "test_accuracy").set_index("method")
     diffs = np.array([0.95, 0.93, 0.91]) - np.array([0.9, 0.8, 0.7])  # seed by seed
@@ -116,6 +127,35 @@ def test_comparison_table_means_stds_and_order():
     assert loss.loc["adam", "ahead"] == 3  # lower loss is ahead for a minimized metric
 
 
+def test_target_table_counts_seeds_and_takes_medians_at_the_first_epoch_reached():
+    """Time to target from the per-epoch records: the first epoch at or below a minimized measure's target, per
+    seed; medians over the seeds that reached it; a method that never did shows "-"."""
+    curves = {"recipe": {0: [0.5, 0.08, 0.009], 1: [0.4, 0.2, 0.05], 2: [0.3, 0.09, 0.12]},
+              "adam": {0: [0.5, 0.4, 0.3], 1: [0.6, 0.5, 0.4], 2: [0.7, 0.6, 0.5]}}
+    rows = []
+    for optimizer, seeds in curves.items():
+        for seed, values in seeds.items():
+            for epoch, value in enumerate(values):
+                for metric, number in (("test_l2re", value), ("grad_evals", 100.0 * (epoch + 1) + seed),
+                                       ("wall_time", 2.0 * (epoch + 1))):
+                    rows.append({"study": "c", "trial": 0, "run_id": optimizer, "variant": optimizer,
+                                 "workload": "pinn-reaction", "optimizer": optimizer, "objective": "val_l2re",
+                                 "seed": seed, "epoch": epoch, "metric": metric, "value": number, "phase": None,
+                                 "switch_epoch": math.nan, "criterion": "", "state": "complete"})
+    table = target_table(pd.DataFrame(rows), {"test_l2re": [0.1, 0.01]}).set_index(["method", "target"])
+    recipe = table.loc[("recipe", 0.1)]
+    # seed 0 at epoch 1 (200 evaluations), seed 1 at epoch 2 (301), seed 2 at epoch 1 (202; it rose again later)
+    assert (recipe["reached"], recipe["seeds"]) == (3, 3)
+    assert recipe["grad_evals.median"] == 202.0 and recipe["wall_time.median"] == 4.0
+    assert table.loc[("recipe", 0.01), "reached"] == 1 and table.loc[("recipe", 0.01), "grad_evals.median"] == 300.0
+    assert table.loc[("adam", 0.1), "reached"] == 0 and math.isnan(table.loc[("adam", 0.1), "grad_evals.median"])
+    text = target_markdown(table.reset_index())
+    assert "| method | test_l2re <= 0.1: seeds | evaluations (median) | train time (s, median) |" in text
+    assert "| `recipe` | 3/3 | 202 | 4.0 | 1/3 | 300 | 6.0 |" in text
+    assert "| `adam` | 0/3 | - | - | 0/3 | - | - |" in text
+    assert "not logged" in target_table(pd.DataFrame(rows), {"test_accuracy": [0.9]}).attrs["reason"]
+
+
 def test_compare_tunes_reruns_on_paired_seeds_and_resumes(tmp_path):
     comparison_file = write(tmp_path, TINY)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -125,6 +165,9 @@ def test_compare_tunes_reruns_on_paired_seeds_and_resumes(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| `sgd` | 2 |" in done.stdout and "| `fuse_pv` | 2 |" in done.stdout
     assert "|t| > 12.71 is p < 0.05 two-sided at 1 degrees of freedom" in done.stdout  # 2 rerun seeds
+    assert "| method | test_accuracy >= 0.5: seeds | evaluations (median) |" in done.stdout  # fixed.metric_targets
+    assert "| `fuse_pv` | 2/2 | " in done.stdout and "| `fuse_pv` | 2/2 | 9 | " in done.stdout  # after 1 epoch
+    assert "| `sgd` | 0/2 | - | - | 0/2 | - | - |" in done.stdout  # lr 0.05 for 2 epochs stays below 0.5
     assert (tmp_path / "out" / "results.md").exists() and (tmp_path / "out" / "results.csv").exists()
 
     runs = read_experiment("tiny_cmp", uri)
