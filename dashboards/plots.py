@@ -16,6 +16,8 @@ plot_seed_variance        tables.seed_variance_table                  boxes of t
                                                                       variant, one panel per workload
 plot_learning_curves      tables.learning_curve_table                 train loss / test accuracy per epoch, band
                                                                       over seeds (min-max), switch marked
+plot_evaluation_curves    tables.evaluation_curve_table               the reported metric against gradient
+                                                                      evaluations, a line per seed, switch marked
 plot_landscape            fuse_tune.trajectories.landscape_with_paths  contours of log10(f - f*) and optimizer paths
 plot_theta_schedules      tables.theta_schedule_table                 final metric per theta schedule; the best
                                                                       trial's curve per schedule
@@ -45,7 +47,7 @@ from fuse_tune.records import Metrics, short_value
 
 __all__ = ["Plot", "plot_sensitivity", "plot_seed_variance", "plot_learning_curves", "plot_landscape",
            "plot_theta_schedules", "plot_history_batch", "plot_importance", "plot_switch_ecdf",
-           "plot_performance_profile", "RENDERERS"]
+           "plot_performance_profile", "plot_evaluation_curves", "RENDERERS"]
 
 #: axis labels of the recorded metrics (others are labelled by their name)
 _LABELS = {Metrics.TEST_ACCURACY: "test accuracy", Metrics.TRAIN_LOSS: "training loss", Metrics.TEST_LOSS: "test loss",
@@ -231,6 +233,39 @@ def plot_learning_curves(table: pd.DataFrame) -> Plot:
     return Plot(name, title, figure)
 
 
+def plot_evaluation_curves(table: pd.DataFrame) -> Plot:
+    """One panel per study: the reported metric against gradient evaluations, a thin line per seed in its
+    variant's colour, a triangle where each seed switched (log y when positive and spread over two decades)."""
+    name, title = "evaluation_curves", "Metric against gradient evaluations"
+    if (none := _none(name, title, table)) is not None:
+        return none
+    sns = _sns()
+    studies = list(dict.fromkeys(table["study"]))
+    figure, axes = _figure(len(studies), width=6.0, height=4.8)
+    for ax, study in zip(axes, studies, strict=True):
+        rows = table[table["study"] == study].copy()
+        rows["configuration"] = [_wrap(v, 55) for v in rows["variant"]]
+        order = list(dict.fromkeys(rows.sort_values("rank")["configuration"]))
+        palette = dict(zip(order, sns.color_palette(n_colors=len(order)), strict=True))
+        sns.lineplot(data=rows, x="grad_evals", y="value", hue="configuration", hue_order=order, palette=palette,
+                     units="seed", estimator=None, linewidth=1.0, alpha=0.75, ax=ax)
+        switches = rows[rows["switched"]]
+        for configuration, points in switches.groupby("configuration", sort=False):
+            ax.scatter(points["grad_evals"], points["value"], marker="v", s=36, color=palette[configuration],
+                       edgecolors="black", linewidths=0.6, zorder=3)
+        if not switches.empty:
+            ax.scatter([], [], marker="v", color="0.6", edgecolors="black", label="switch (end of the Adam phase)")
+        values = rows["value"]
+        if (values > 0).all() and values.max() > 100 * values.min():
+            ax.set_yscale("log")
+        metric = str(rows["metric"].iloc[0])
+        ax.set_title(f"{study}: {_label(metric)}, one line per seed")
+        ax.set_xlabel("gradient evaluations (closure calls)")
+        ax.set_ylabel(_label(metric))
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
+    return Plot(name, title, figure)
+
+
 def plot_landscape(landscape: Mapping[str, Any], name: str | None = None) -> Plot:
     """Contours of ``log10(f - f* + 1e-12)`` on the grid, each path with its start, end and switch marked.
 
@@ -405,4 +440,4 @@ def _null_formatter() -> Any:
 RENDERERS = {"criterion_sensitivity": plot_sensitivity, "seed_variance": plot_seed_variance,
              "learning_curves": plot_learning_curves, "theta_schedules": plot_theta_schedules,
              "history_batch": plot_history_batch, "importance": plot_importance, "switch_ecdf": plot_switch_ecdf,
-             "performance_profile": plot_performance_profile}
+             "performance_profile": plot_performance_profile, "evaluation_curves": plot_evaluation_curves}

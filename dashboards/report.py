@@ -35,6 +35,7 @@ __all__ = ["Report", "build_report", "open_optuna_study", "render_html", "NoRuns
 #: plot name -> the table function feeding its renderer (importance and landscapes are fed separately)
 TABLES: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {
     "learning_curves": tables.learning_curve_table,
+    "evaluation_curves": tables.evaluation_curve_table,
     "criterion_sensitivity": tables.sensitivity_table,
     "switch_ecdf": tables.switch_ecdf_table,
     "seed_variance": tables.seed_variance_table,

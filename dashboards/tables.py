@@ -31,7 +31,8 @@ from fuse_tune.records import MAXIMIZE, STATE_COMPLETE, TEST_PREFIX, VALIDATION_
 from fuse_tune.records import direction as objective_direction
 
 __all__ = ["THRESHOLDS", "empty", "objective_of", "final_values", "sensitivity_table", "seed_variance_table",
-           "learning_curve_table", "theta_schedule_table", "history_batch_table", "switch_ecdf_table",
+           "learning_curve_table", "evaluation_curve_table", "theta_schedule_table", "history_batch_table",
+           "switch_ecdf_table",
            "performance_profile_table", "importance_table", "best_configurations", "comparison_table",
            "comparison_markdown", "COMPARISON_METRICS", "comparison_metrics",
            "test_counterpart", "reported_of", "paired_differences", "paired_markdown", "target_table",
@@ -211,6 +212,31 @@ def learning_curve_table(table: pd.DataFrame, metrics: Sequence[str] | None = No
     if missing:
         out.attrs["note"] = f"learning curves: {', '.join(missing)} not logged by any run of {_studies(table)}"
     return out
+
+
+def evaluation_curve_table(table: pd.DataFrame, metric: str | None = None, top: int = 8) -> pd.DataFrame:
+    """The reported metric (default: the test counterpart of the objective where logged, else the objective)
+    against gradient evaluations, per seed and epoch, for the ``top`` complete variants of each study (all the
+    methods of a comparison): the x axis on which methods are compared at equal cost (a torch L-BFGS step is up to
+    25 evaluations, an Adam step one). Columns: study, variant, trial, seed, metric, epochs_completed, grad_evals,
+    value, switch_epoch, switched (this epoch's end is the switch: the last point of the Adam phase), rank."""
+    metric = metric or reported_of(table)
+    curves = learning_curve_table(table, [metric, Metrics.GRAD_EVALS], top=top)
+    if curves.empty:
+        return curves
+    if not {metric, Metrics.GRAD_EVALS} <= set(curves["metric"]):
+        missing = metric if metric not in set(curves["metric"]) else Metrics.GRAD_EVALS
+        return empty(f"{missing} is not logged by any complete run of {_studies(table)}")
+    keys = ["study", "variant", "trial", "seed", "epochs_completed"]
+    wide = curves.pivot_table(index=keys, columns="metric", values="value").dropna().reset_index()
+    extra = curves.drop_duplicates(keys)[[*keys, "switch_epoch", "rank"]]
+    out = wide.merge(extra, on=keys).rename(columns={metric: "value", Metrics.GRAD_EVALS: "grad_evals"})
+    out.insert(4, "metric", metric)
+    out["switched"] = out["epochs_completed"] == out["switch_epoch"]
+    out.columns.name = None
+    return out.sort_values(["study", "rank", "seed", "epochs_completed"]).reset_index(drop=True)[
+        ["study", "variant", "trial", "seed", "metric", "epochs_completed", "grad_evals", "value", "switch_epoch",
+         "switched", "rank"]]
 
 
 def theta_schedule_table(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:

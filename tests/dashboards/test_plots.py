@@ -54,6 +54,21 @@ def test_learning_curves_mark_the_switch(tidy_table):
         assert sorted(float(line.get_xdata()[0]) for line in vertical) == switches
 
 
+def test_evaluation_curves_put_each_seed_on_the_evaluations_axis_and_mark_its_switch(tidy_table):
+    table = tables.evaluation_curve_table(tidy_table)
+    assert set(table["metric"]) == {"val_accuracy"}  # a study's trials: the objective (no test split)
+    assert (table.groupby(["variant", "seed"])["grad_evals"].diff().dropna() > 0).all()  # cumulative evaluations
+    switched = table[table["switched"]]
+    assert (switched["epochs_completed"] == switched["switch_epoch"]).all()
+    assert len(switched) == len(table.dropna(subset=["switch_epoch"]).drop_duplicates(["variant", "seed"]))
+    plot = plots.plot_evaluation_curves(table)
+    assert_has_data(plot)
+    ax = plot.figure.get_axes()[0]
+    assert ax.get_xlabel() == "gradient evaluations (closure calls)"
+    marked = sum(len(c.get_offsets()) for c in ax.collections if len(c.get_offsets()))
+    assert marked == len(switched)
+
+
 def test_theta_schedules_say_why_on_fuse_pv_and_draw_on_fuse():
     assert_reason(plots.plot_theta_schedules(tables.theta_schedule_table(tidy_rows(
         [(0, "epoch", {"switch.epoch": 1.0}, {0: (0.9, 1.0)}, "fuse_pv", "w")]))), "theta.schedule")

@@ -21,14 +21,14 @@ def test_report_files_best_configuration_and_torch_free(report_run, optuna_study
     torch = sorted(m for m in report_run.modules if m == "torch" or m.startswith("torch."))
     assert torch == []  # the whole `fuse-tune report` process, reading, drawing, Optuna, HTML, artifacts
     out = report_run.out
-    assert {"learning_curves", "criterion_sensitivity", "switch_ecdf", "seed_variance", "history_batch",
-            "performance_profile", "importance"} == set(report_run.drawn)
+    assert {"learning_curves", "evaluation_curves", "criterion_sensitivity", "switch_ecdf", "seed_variance",
+            "history_batch", "performance_profile", "importance"} == set(report_run.drawn)
     assert report_run.skipped == {
         "theta_schedules": "no trial of dash_small has a theta.schedule parameter (FUSE studies do)",
         "landscapes": "no 2-D test-function workload among digits-logreg"}
     for name in report_run.drawn:
         assert (out / f"{name}.png").stat().st_size > 2000 and (out / f"{name}.svg").stat().st_size > 2000
-    assert f"report: {report_run.html} (7 plots)" in report_run.stdout
+    assert f"report: {report_run.html} (8 plots)" in report_run.stdout
     reference = optuna_study.best_trial
     (best,) = pd.read_csv(out / "best_configurations.csv").to_dict(orient="records")
     assert best["trial"] == reference.number and best["value"] == reference.value
@@ -127,7 +127,7 @@ def test_cli_runs_missing_the_objective_say_so_per_plot(small_study, tmp_path, c
     missing = [line for line in lines if "val_accuracy is not logged by any run of no_accuracy (logged: train_loss)"
                in line]
     assert {line.split(":")[1].strip() for line in missing} == {
-        "learning_curves", "criterion_sensitivity", "seed_variance", "performance_profile"}
+        "learning_curves", "evaluation_curves", "criterion_sensitivity", "seed_variance", "performance_profile"}
     assert all(line.startswith("not drawn: ") for line in missing)
     for name in ("learning_curves", "criterion_sensitivity", "seed_variance", "performance_profile"):
         assert not (out / f"{name}.png").exists()
