@@ -32,7 +32,9 @@ compact form took 0.88x to 0.97x the recursion's time; with two threads 1.47x (M
 matrix-vector products on one thread, torch's vector kernels used both); at d = 65,536 the
 recursion won on one thread too (compact 1.16x to 1.2x in float32). Hence
 ``representation="auto"`` (the default): the recursion below
-:attr:`LBFGSMemory.COMPACT_MIN_DIMENSION` parameters, the compact form up to
+:attr:`LBFGSMemory.COMPACT_MIN_DIMENSION` parameters unless the history holds
+:attr:`LBFGSMemory.COMPACT_MIN_HISTORY` pairs or more (a PINN's ``m = 100``: there the compact form took
+0.40x the recursion's time at d = 7,851), the compact form up to
 :attr:`LBFGSMemory.MEASURE_MIN_DIMENSION`, and from there on, on the CPU, whichever of the two
 measured faster when the memory was created (timed once per process for a dimension, ``m``,
 dtype and thread count: 0.2 to 0.5 s at d = 1M, m = 10, float32). The two forms round
@@ -97,8 +99,14 @@ class LBFGSMemory:
 
     #: the representation memories created without one take ("auto", "two_loop" or "compact")
     representation: str = "auto"
-    #: below this many parameters "auto" takes the two-loop recursion (fewer small operations)
+    #: below this many parameters "auto" takes the two-loop recursion (fewer small operations), unless the
+    #: history is long (:attr:`COMPACT_MIN_HISTORY`)
     COMPACT_MIN_DIMENSION = 1 << 16
+    #: from this history size on, "auto" takes the compact form below :attr:`COMPACT_MIN_DIMENSION` too: the
+    #: recursion's 4m small kernels (and 2m host reads) then cost more than the compact form's fixed handful;
+    #: measured (``benchmarks/bench_lbfgs_forms.py``, BENCHMARKS.md; AMD EPYC Zen 3, one thread) at d = 2,000 to
+    #: 65,000 the compact form took 0.40-0.89x the recursion's time at m = 50 and 100, 0.81-1.13x at m = 20
+    COMPACT_MIN_HISTORY = 32
     #: from this many parameters on, "auto" on the CPU times both forms once per process and
     #: (dimension, m, dtype, threads) and keeps the faster; between the two thresholds it takes
     #: the compact form without timing (either way the difference is a fraction of a millisecond,
@@ -136,6 +144,8 @@ class LBFGSMemory:
         self._clear()
         #: the form this memory uses, "compact" or "two_loop": fixed at creation (and by a loaded state)
         self.form = "compact" if requested == "compact" else "two_loop"
+        if requested == "auto" and history_size >= self.COMPACT_MIN_HISTORY:
+            self.form = "compact"
         if requested == "auto" and dimension >= self.COMPACT_MIN_DIMENSION:
             self.form = "compact"
             if (self._pairs.device.type == "cpu" and dimension >= self.MEASURE_MIN_DIMENSION

@@ -282,6 +282,10 @@ def test_skip_mode_is_unchanged_by_the_damping_rule() -> None:
 def test_representation_choice() -> None:
     assert LBFGSMemory(3, LARGE - 1, dtype=torch.float64, device=CPU).form == "two_loop"
     assert LBFGSMemory(3, LARGE, dtype=torch.float64, device=CPU).form == "compact"
+    long = LBFGSMemory.COMPACT_MIN_HISTORY  # a long history: the recursion's 4m small operations lose
+    assert LBFGSMemory(long - 1, 100, dtype=torch.float64, device=CPU).form == "two_loop"
+    assert LBFGSMemory(long, 100, dtype=torch.float64, device=CPU).form == "compact"
+    assert LBFGSMemory(long, 100, dtype=torch.float64, device=CPU, representation="two_loop").form == "two_loop"
     assert LBFGSMemory(3, 8, dtype=torch.float64, device=CPU, representation="compact").form == "compact"
     assert LBFGSMemory(3, LARGE, dtype=torch.float64, device=CPU, representation="two_loop").form == "two_loop"
     with pytest.raises(ValueError, match="representation"):
