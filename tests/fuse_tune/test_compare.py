@@ -74,6 +74,22 @@ def test_bad_comparison_files_fail_in_one_line_naming_the_field(tmp_path, change
     assert "\n" not in str(info.value)
 
 
+SHIPPED = sorted((Path(__file__).resolve().parents[2] / "studies" / "compare").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_comparison_files_load_and_pass_the_dry_run(path, tmp_path):
+    """Every comparison behind RESULTS.md (and the GPU one it leaves as a command) is a valid file whose method
+    studies pass the dry run; the PINN ones give every method the same evaluation budget and targets."""
+    comparison, plans = load_comparison(path, tmp_path / "out")
+    assert [plan.method for plan in plans] == list(comparison.methods)
+    if comparison.workload.startswith("pinn-"):
+        budgets = {plan.method: plan.spec.fixed["grad_eval_budget"] for plan in plans}
+        assert len(set(budgets.values())) == 1 and comparison.metric_targets == {"test_l2re": [0.1, 0.01]}
+        assert all(plan.spec.fixed["full_batch"] is True for plan in plans)
+        assert all(plan.spec.objective.metric == "val_l2re" for plan in plans)
+
+
 def test_every_method_study_shares_budget_sampler_epochs_and_seeds(tmp_path):
     comparison, plans = load_comparison(write(tmp_path, TINY), tmp_path / "out")
     studies = {plan.method: yaml.safe_load(plan.study_path.read_text()) for plan in plans}
