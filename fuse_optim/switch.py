@@ -22,6 +22,7 @@ Criteria can be built from the plain dicts that study files use::
     {"criterion": "step", "step": 200}         # switch after 200 steps; step 0 = L-BFGS from the start
     {"criterion": "grad_norm", "zeta": 1e-3}   # Eq. 3 over the last epoch (or "window": W steps)
     {"criterion": "loss_change", "sigma": 1e-4}  # Eq. 4 on epoch-mean loss (or "window": W steps)
+    {"criterion": "plateau"}                   # progress <= 0.1 x Adam's best progress (no threshold to scale)
     {"criterion": "any", "of": [..., ...]}     # first of several
     {"criterion": "all", "of": [..., ...]}     # all of several
     {"criterion": "never"}
@@ -41,6 +42,7 @@ __all__ = [
     "StepCriterion",
     "GradNormCriterion",
     "LossChangeCriterion",
+    "PlateauCriterion",
     "AnyOf",
     "AllOf",
     "Never",
@@ -305,6 +307,90 @@ class LossChangeCriterion(SwitchCriterion):
         self.fired = bool(state["fired"])
 
 
+class PlateauCriterion(SwitchCriterion):
+    """Switch once Adam's progress has flattened relative to its own best: no scale-dependent threshold.
+
+    With ``f_e`` the mean closure loss over epoch ``e`` (or over each ``window`` of steps), the progress of a
+    period is ``delta_e = f_{e-1} - f_e`` and the best progress so far ``delta*_e = max_{j <= e} delta_j``.
+    The criterion fires at the end of the first period ``e >= min_periods`` with
+
+        ``delta_e <= ratio * delta*_e``    (and ``delta*_e > 0``),
+
+    i.e. when the smoothed loss now falls at most ``ratio`` times as fast as it fell in Adam's best period:
+    the fast, first-order part of the descent is over, and the L-BFGS phase (paper Alg. 4) takes the rest.
+    The statistic ``delta_e / delta*_e`` is dimensionless and invariant to ``f -> a f + b`` (``a > 0``), so one
+    default ``ratio`` is meant to serve every model, unlike Eq. 3's ``zeta`` or Eq. 4's ``sigma``. A period in
+    which the loss rose (``delta_e < 0``) counts as flat. ``min_periods`` (default 2) keeps the first period's
+    decrease, which starts from the initial loss, from deciding alone.
+
+    :attr:`statistic` is the last ``delta_e / delta*_e`` (``None`` before two periods): trainers log it each
+    epoch, and :attr:`reason` reports it at the switch.
+    """
+
+    name = "plateau"
+    needs_loss = True
+
+    def __init__(self, ratio: float = 0.1, window: int | None = None, min_periods: int = 2) -> None:
+        self.ratio = _check_positive_float(ratio, "ratio")
+        if self.ratio >= 1:
+            raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}")
+        self.window = _check_window(window, "window")
+        if isinstance(min_periods, bool) or not isinstance(min_periods, int) or min_periods < 1:
+            raise ValueError(f"min_periods must be an integer >= 1, got {min_periods!r}")
+        self.min_periods = min_periods
+        self._acc = _WindowedMean()
+        self.previous: float | None = None
+        self.best_progress = 0.0
+        self.periods = 0
+        self.statistic: float | None = None
+        self.fired = False
+
+    def observe_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
+        if loss is None:
+            raise RuntimeError("PlateauCriterion needs the closure's loss on every step")
+        self._acc.add(loss)
+        if self.window is not None and self._acc.count >= self.window:
+            self._decide()
+
+    def end_epoch(self) -> None:
+        if self.window is None:
+            self._decide()
+
+    def _decide(self) -> None:
+        current = self._acc.pop_mean()
+        if self.fired or current is None or not math.isfinite(current):
+            return  # after firing the statistic stays the value it fired on
+        if self.previous is not None:
+            self.periods += 1
+            progress = self.previous - current
+            self.best_progress = max(self.best_progress, progress)
+            if self.best_progress > 0:
+                self.statistic = progress / self.best_progress
+                if self.periods >= self.min_periods and self.statistic <= self.ratio:
+                    self.fired = True
+        self.previous = current
+
+    def ready(self, step: int, epoch: int) -> bool:
+        return self.fired
+
+    @property
+    def reason(self) -> str:
+        shown = "nan" if self.statistic is None else f"{self.statistic:.3g}"
+        return f"plateau(progress / best progress = {shown} <= ratio={self.ratio:g})"
+
+    def config(self) -> dict[str, Any]:
+        return {"criterion": "plateau", "ratio": self.ratio, "window": self.window, "min_periods": self.min_periods}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"acc": self._acc.state_dict(), "previous": self.previous, "best_progress": self.best_progress,
+                "periods": self.periods, "statistic": self.statistic, "fired": self.fired}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._acc.load_state_dict(state["acc"])
+        self.previous, self.best_progress = state["previous"], float(state["best_progress"])
+        self.periods, self.statistic, self.fired = int(state["periods"]), state["statistic"], bool(state["fired"])
+
+
 class _Combination(SwitchCriterion):
     def __init__(self, criteria: list[SwitchCriterion | Mapping[str, Any]]) -> None:
         if not isinstance(criteria, (list, tuple)) or not criteria:
@@ -365,6 +451,7 @@ CRITERIA: dict[str, type[SwitchCriterion]] = {
     "step": StepCriterion,
     "grad_norm": GradNormCriterion,
     "loss_change": LossChangeCriterion,
+    "plateau": PlateauCriterion,
     "any": AnyOf,
     "all": AllOf,
     "never": Never,
@@ -372,7 +459,8 @@ CRITERIA: dict[str, type[SwitchCriterion]] = {
 
 
 #: the key only one criterion takes: ``{"epoch": 5}`` means ``{"criterion": "epoch", "epoch": 5}``
-_OWN_KEY = {"epoch": "epoch", "step": "step", "zeta": "grad_norm", "sigma": "loss_change"}
+_OWN_KEY = {"epoch": "epoch", "step": "step", "zeta": "grad_norm", "sigma": "loss_change", "ratio": "plateau",
+            "min_periods": "plateau"}
 
 
 def _implied_criterion(options: Mapping[str, Any]) -> str | None:
@@ -413,6 +501,7 @@ def make_criterion(spec: SwitchCriterion | Mapping[str, Any] | str) -> SwitchCri
         "step": {"step"},
         "grad_norm": {"zeta", "window"},
         "loss_change": {"sigma", "window", "relative"},
+        "plateau": {"ratio", "window", "min_periods"},
         "never": set(),
     }[kind]
     required = {"epoch": {"epoch"}, "step": {"step"}, "grad_norm": {"zeta"}, "loss_change": {"sigma"}}.get(kind, set())

@@ -337,6 +337,9 @@ class Trainer:
         else:
             train_loss, val_loss, test_loss, scores = self._evaluate()
             gap = None
+        statistic = _switch_statistic(self.optimizer)
+        if statistic is not None:
+            scores[SWITCH_STATISTIC] = statistic
         metrics = EpochMetrics(
             epoch=self.epoch, train_loss=train_loss, batch_loss=float(torch.stack(losses).mean()),
             val_loss=val_loss, test_loss=test_loss, grad_sq_norm=float(torch.stack(grad_sq).mean()),
@@ -550,6 +553,16 @@ def _deterministic_objective(config: TrainConfig) -> bool:
     workload = get_workload(config.workload, config.workload_path)
     return workload.kind == "function" and float(config.workload_options.get("noise", workload.defaults.get(
         "noise", 0.0)) or 0.0) == 0.0
+
+
+#: the per-epoch score holding a switch criterion's own statistic, for criteria that have one (``plateau``: its
+#: progress ratio), so that when and on what value it decided is in the records
+SWITCH_STATISTIC = "switch_statistic"
+
+
+def _switch_statistic(optimizer: Any) -> float | None:
+    value = getattr(getattr(optimizer, "criterion", None), "statistic", None)
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def _switch_info(optimizer: Any) -> tuple[int | None, int | None, str | None]:

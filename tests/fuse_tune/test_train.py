@@ -234,6 +234,16 @@ def test_steps_per_epoch_after_switch_takes_over_once_the_second_phase_began(ful
         TrainConfig(workload="rosenbrock", steps_per_epoch_after_switch=0).validate()
 
 
+def test_the_plateau_criterion_switches_on_its_own_and_its_statistic_is_logged_each_epoch():
+    """switch.criterion plateau (no threshold to set): its progress ratio is a per-epoch score, and the epoch it
+    fired on shows the ratio at or below 0.1 where the epochs before it were above."""
+    result = train(digits("fuse_pv", epochs=8, optimizer_args={"lr": 1e-2, "switch": {"criterion": "plateau"}}))
+    ratios = [m.scores.get("switch_statistic") for m in result.history]
+    switched = result.final.switch_epoch
+    assert switched is not None and result.final.switch_reason.startswith("plateau(")
+    assert ratios[switched - 1] <= 0.1 and all(r is None or r > 0.1 for r in ratios[:switched - 1])
+
+
 def test_metric_targets_record_the_first_epoch_each_target_was_reached():
     """metric_targets: the epoch, evaluations and wall time at which a measure first reached each target, in the
     measure's direction (accuracy up, loss down), checked against the history."""

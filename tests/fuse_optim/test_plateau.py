@@ -1,0 +1,125 @@
+"""The plateau criterion: switch when the smoothed loss falls at most `ratio` times as fast as in Adam's best
+period. Checked against the rule written out here, for invariance to the loss's scale and offset, for its state,
+and inside FusePV."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fuse_optim import FusePV, make_criterion
+from fuse_optim.switch import PlateauCriterion
+
+
+def reference_fire(epoch_means: list[float], ratio: float, min_periods: int = 2) -> int | None:
+    """The rule as stated: the first epoch count e >= min_periods + 1 whose decrease is <= ratio x the best."""
+    best = -math.inf
+    for e in range(1, len(epoch_means)):
+        progress = epoch_means[e - 1] - epoch_means[e]
+        best = max(best, progress)
+        if e >= min_periods and best > 0 and progress <= ratio * best:
+            return e + 1  # epochs completed when it fires
+    return None
+
+
+def feed(criterion: PlateauCriterion, epochs: list[list[float]]) -> int | None:
+    """Feed per-step losses epoch by epoch; the number of completed epochs at which it fired."""
+    for e, losses in enumerate(epochs, start=1):
+        for loss in losses:
+            criterion.observe_step(torch.tensor(loss, dtype=torch.float64), None)
+        criterion.end_epoch()
+        if criterion.ready(0, e):
+            return e
+    return None
+
+
+CURVES = {
+    "fast then flat": [1.0, 0.5, 0.3, 0.26, 0.24, 0.235, 0.233],  # no progress on a ratio boundary
+    "slow start": [1.0, 0.95, 0.7, 0.4, 0.3, 0.28, 0.275],
+    "noisy rise": [1.0, 0.6, 0.65, 0.5, 0.45],
+    "steady": [1.0 - 0.1 * e for e in range(8)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CURVES))
+@pytest.mark.parametrize("ratio", [0.05, 0.1, 0.3])
+def test_fires_where_the_rule_written_out_fires(name: str, ratio: float) -> None:
+    means = CURVES[name]
+    # three steps per epoch around each mean: the criterion works on epoch means
+    epochs = [[m - 0.01, m, m + 0.01] for m in means]
+    assert feed(PlateauCriterion(ratio=ratio), epochs) == reference_fire(means, ratio)
+
+
+def test_the_statistic_is_invariant_to_the_losss_scale_and_offset() -> None:
+    means = CURVES["fast then flat"]
+    fired, statistics = set(), set()
+    for scale, offset in ((1.0, 0.0), (1e-4, 0.0), (250.0, -3.0), (3.0, 1e6)):
+        criterion = PlateauCriterion(ratio=0.1)
+        fired.add(feed(criterion, [[scale * m + offset] for m in means]))
+        statistics.add(criterion.statistic)
+    assert fired == {reference_fire(means, 0.1)}
+    assert max(statistics) == pytest.approx(min(statistics), rel=1e-6)  # up to float64 rounding of the offset
+
+
+def test_window_mode_decides_every_window_steps_and_reason_reports_the_statistic() -> None:
+    criterion = make_criterion({"ratio": 0.2, "window": 2})  # the key names the criterion
+    assert isinstance(criterion, PlateauCriterion)
+    losses = [1.0, 1.0, 0.5, 0.5, 0.45, 0.45, 0.44, 0.44]  # window means 1.0, 0.5, 0.45, 0.44
+    decided = []
+    for loss in losses:
+        criterion.observe_step(torch.tensor(loss), None)
+        decided.append(criterion.ready(0, 0))
+    assert decided == [False] * 5 + [True] * 3  # 0.05 / 0.5 = 0.1 <= 0.2 after the third window
+    assert criterion.statistic == pytest.approx(0.1, rel=1e-5)  # the value it fired on, kept
+    assert criterion.reason == "plateau(progress / best progress = 0.1 <= ratio=0.2)"
+
+
+def test_state_dict_resumes_the_decision_exactly() -> None:
+    means = CURVES["slow start"]
+    whole = PlateauCriterion(ratio=0.1)
+    first = PlateauCriterion(ratio=0.1)
+    feed(first, [[m] for m in means[:3]])
+    resumed = make_criterion(first.config())
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.state_dict() == first.state_dict()
+    rest = feed(resumed, [[m] for m in means[3:]])
+    assert rest is not None and rest + 3 == feed(whole, [[m] for m in means])
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"ratio": 1.0}, "ratio must be a number in"),
+    ({"ratio": 0}, "ratio must be a finite number > 0"),
+    ({"min_periods": 0}, "min_periods must be an integer >= 1"),
+    ({"window": 0}, "window must be None"),
+])
+def test_bad_settings_name_the_argument(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_criterion({"criterion": "plateau", **options})
+
+
+def test_fuse_pv_switches_on_a_plateau_of_a_quadratic_and_keeps_the_criterion_in_its_state() -> None:
+    """Adam on an ill-conditioned quadratic: fast progress, then a crawl; FusePV hands over to L-BFGS there."""
+    torch.manual_seed(0)
+    scales = torch.logspace(0, 3, 20)
+    x = torch.nn.Parameter(torch.ones(20))
+    optimizer = FusePV([x], lr=0.05, switch={"criterion": "plateau"})
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = 0.5 * (scales * x.pow(2)).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(40):
+        for _step in range(10):
+            optimizer.step(closure)
+        if optimizer.end_epoch():
+            break
+    assert optimizer.switched_at_epoch is not None and 2 < optimizer.switched_at_epoch < 40
+    assert optimizer.switch_reason.startswith("plateau(progress / best progress = ")
+    state = optimizer.state_dict()
+    clone = FusePV([torch.nn.Parameter(x.detach().clone())], lr=0.05, switch={"criterion": "plateau"})
+    clone.load_state_dict(state)
+    assert clone.criterion.state_dict() == optimizer.criterion.state_dict()
