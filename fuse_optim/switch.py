@@ -23,6 +23,7 @@ Criteria can be built from the plain dicts that study files use::
     {"criterion": "grad_norm", "zeta": 1e-3}   # Eq. 3 over the last epoch (or "window": W steps)
     {"criterion": "loss_change", "sigma": 1e-4}  # Eq. 4 on epoch-mean loss (or "window": W steps)
     {"criterion": "plateau"}                   # progress <= 0.1 x Adam's best progress (no threshold to scale)
+    {"criterion": "absolute_rules"}            # opifex's absolute thresholds after 1,000 steps (a baseline)
     {"criterion": "any", "of": [..., ...]}     # first of several
     {"criterion": "all", "of": [..., ...]}     # all of several
     {"criterion": "never"}
@@ -43,6 +44,7 @@ __all__ = [
     "GradNormCriterion",
     "LossChangeCriterion",
     "PlateauCriterion",
+    "AbsoluteRulesCriterion",
     "AnyOf",
     "AllOf",
     "Never",
@@ -391,6 +393,100 @@ class PlateauCriterion(SwitchCriterion):
         self.periods, self.statistic, self.fired = int(state["periods"]), state["statistic"], bool(state["fired"])
 
 
+class AbsoluteRulesCriterion(SwitchCriterion):
+    """The absolute-threshold rules of a public JAX Adam-to-L-BFGS optimizer (avitai/opifex's ``HybridOptimizer``),
+    as a baseline for threshold-free criteria: after at least ``min_steps`` Adam steps, switch when any of
+
+    - the variance of the last ``window`` closure losses is below ``loss_variance`` (``1e-4``),
+    - the gradient norm ``||g_k||`` (not squared) of the last step is below ``grad_norm`` (``1e-3``),
+    - the relative improvement ``(f_{k-w} - f_k) / |f_{k-w}|`` over the last ``window`` steps is below
+      ``improvement`` (``1e-4``)
+
+    holds; ``window = 50``, ``min_steps = 1000``: their published defaults. Every threshold is absolute (in the
+    loss's or the gradient's units), which is what :class:`PlateauCriterion` avoids. The rules are checked once
+    per ``window`` steps (one host read-back per window), on the losses and squared norms of that window.
+    """
+
+    name = "absolute_rules"
+    needs_loss = True
+    needs_grad_norm = True
+
+    def __init__(self, min_steps: int = 1000, window: int = 50, loss_variance: float = 1e-4,
+                 grad_norm: float = 1e-3, improvement: float = 1e-4) -> None:
+        self.min_steps = _check_nonnegative_int(min_steps, "min_steps")
+        window = _check_window(window, "window")
+        if window is None or window < 2:
+            raise ValueError(f"window must be an integer >= 2, got {window!r}")
+        self.window = window
+        self.loss_variance = _check_positive_float(loss_variance, "loss_variance")
+        self.grad_norm = _check_positive_float(grad_norm, "grad_norm")
+        self.improvement = _check_positive_float(improvement, "improvement")
+        self._losses: list[torch.Tensor] = []
+        self._last_sq_norm: torch.Tensor | None = None
+        self.steps = 0
+        self.first_loss: float | None = None  # f_{k-w}: the last loss of the previous window
+        self.statistics: dict[str, float] = {}
+        self.fired_rule: str | None = None
+
+    def observe_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
+        if loss is None or grad_sq_norm is None:
+            raise RuntimeError("AbsoluteRulesCriterion needs the loss and the squared gradient norm of every step")
+        self._losses.append(loss.detach().to(torch.float64))
+        self._last_sq_norm = grad_sq_norm.detach()
+        self.steps += 1
+        if len(self._losses) >= self.window:
+            self._decide()
+
+    def _decide(self) -> None:
+        losses = torch.stack(self._losses).tolist()  # one read-back per window
+        self._losses = []
+        sq_norm = float(self._last_sq_norm) if self._last_sq_norm is not None else math.inf
+        mean = sum(losses) / len(losses)
+        variance = sum((f - mean) ** 2 for f in losses) / (len(losses) - 1)
+        previous = self.first_loss if self.first_loss is not None else losses[0]
+        improvement = (previous - losses[-1]) / abs(previous) if previous != 0 else math.inf
+        self.first_loss = losses[-1]
+        self.statistics = {"loss_variance": variance, "grad_norm": math.sqrt(sq_norm), "improvement": improvement}
+        if self.fired_rule is not None or self.steps < self.min_steps:
+            return
+        for rule, value in self.statistics.items():
+            if value < getattr(self, rule):
+                self.fired_rule = rule
+                return
+
+    @property
+    def statistic(self) -> float | None:
+        """The relative improvement of the last window (the rule most often deciding), ``None`` before one."""
+        return self.statistics.get("improvement")
+
+    def ready(self, step: int, epoch: int) -> bool:
+        return self.fired_rule is not None
+
+    @property
+    def reason(self) -> str:
+        if self.fired_rule is None:
+            return "absolute_rules(not fired)"
+        value = self.statistics[self.fired_rule]
+        return f"absolute_rules({self.fired_rule}={value:.3g} < {getattr(self, self.fired_rule):g})"
+
+    def config(self) -> dict[str, Any]:
+        return {"criterion": "absolute_rules", "min_steps": self.min_steps, "window": self.window,
+                "loss_variance": self.loss_variance, "grad_norm": self.grad_norm, "improvement": self.improvement}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": [float(f) for f in self._losses],
+                "last_sq_norm": None if self._last_sq_norm is None else float(self._last_sq_norm),
+                "steps": self.steps, "first_loss": self.first_loss, "statistics": dict(self.statistics),
+                "fired_rule": self.fired_rule}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._losses = [torch.tensor(f, dtype=torch.float64) for f in state["losses"]]
+        sq = state["last_sq_norm"]
+        self._last_sq_norm = None if sq is None else torch.tensor(sq, dtype=torch.float64)
+        self.steps, self.first_loss = int(state["steps"]), state["first_loss"]
+        self.statistics, self.fired_rule = dict(state["statistics"]), state["fired_rule"]
+
+
 class _Combination(SwitchCriterion):
     def __init__(self, criteria: list[SwitchCriterion | Mapping[str, Any]]) -> None:
         if not isinstance(criteria, (list, tuple)) or not criteria:
@@ -452,6 +548,7 @@ CRITERIA: dict[str, type[SwitchCriterion]] = {
     "grad_norm": GradNormCriterion,
     "loss_change": LossChangeCriterion,
     "plateau": PlateauCriterion,
+    "absolute_rules": AbsoluteRulesCriterion,
     "any": AnyOf,
     "all": AllOf,
     "never": Never,
@@ -460,7 +557,8 @@ CRITERIA: dict[str, type[SwitchCriterion]] = {
 
 #: the key only one criterion takes: ``{"epoch": 5}`` means ``{"criterion": "epoch", "epoch": 5}``
 _OWN_KEY = {"epoch": "epoch", "step": "step", "zeta": "grad_norm", "sigma": "loss_change", "ratio": "plateau",
-            "min_periods": "plateau"}
+            "min_periods": "plateau", "min_steps": "absolute_rules", "loss_variance": "absolute_rules",
+            "improvement": "absolute_rules"}
 
 
 def _implied_criterion(options: Mapping[str, Any]) -> str | None:
@@ -502,6 +600,7 @@ def make_criterion(spec: SwitchCriterion | Mapping[str, Any] | str) -> SwitchCri
         "grad_norm": {"zeta", "window"},
         "loss_change": {"sigma", "window", "relative"},
         "plateau": {"ratio", "window", "min_periods"},
+        "absolute_rules": {"min_steps", "window", "loss_variance", "grad_norm", "improvement"},
         "never": set(),
     }[kind]
     required = {"epoch": {"epoch"}, "step": {"step"}, "grad_norm": {"zeta"}, "loss_change": {"sigma"}}.get(kind, set())

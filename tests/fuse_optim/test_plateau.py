@@ -123,3 +123,55 @@ def test_fuse_pv_switches_on_a_plateau_of_a_quadratic_and_keeps_the_criterion_in
     clone = FusePV([torch.nn.Parameter(x.detach().clone())], lr=0.05, switch={"criterion": "plateau"})
     clone.load_state_dict(state)
     assert clone.criterion.state_dict() == optimizer.criterion.state_dict()
+
+
+# --------------------------------------------------------------------------- the absolute-threshold baseline
+def absolute_rules_fire(losses: list[float], sq_norms: list[float], min_steps: int, window: int,
+                        variance: float, norm: float, improvement: float) -> tuple[int, str] | None:
+    """opifex's rules written out: checked every `window` steps once `min_steps` were taken; (steps, rule)."""
+    previous = None
+    for end in range(window, len(losses) + 1, window):
+        part = losses[end - window:end]
+        mean = sum(part) / window
+        values = {"loss_variance": sum((f - mean) ** 2 for f in part) / (window - 1),
+                  "grad_norm": math.sqrt(sq_norms[end - 1]),
+                  "improvement": ((previous if previous is not None else part[0]) - part[-1])
+                  / abs(previous if previous is not None else part[0])}
+        previous = part[-1]
+        if end < min_steps:
+            continue
+        for rule, bound in (("loss_variance", variance), ("grad_norm", norm), ("improvement", improvement)):
+            if values[rule] < bound:
+                return end, rule
+    return None
+
+
+@pytest.mark.parametrize("decay", [0.999, 0.99, 0.9])
+def test_absolute_rules_fire_where_written_out_and_not_before_min_steps(decay: float) -> None:
+    losses = [10.0 * decay**k + 0.5 for k in range(600)]
+    sq_norms = [(10.0 * decay**k) ** 2 for k in range(600)]
+    options = {"min_steps": 200, "window": 20, "loss_variance": 1e-4, "grad_norm": 1e-3, "improvement": 1e-4}
+    expected = absolute_rules_fire(losses, sq_norms, options["min_steps"], options["window"],
+                                   options["loss_variance"], options["grad_norm"], options["improvement"])
+    criterion = make_criterion({"criterion": "absolute_rules", **options})
+    fired = None
+    for k, (loss, sq) in enumerate(zip(losses, sq_norms, strict=True), start=1):
+        criterion.observe_step(torch.tensor(loss, dtype=torch.float64), torch.tensor(sq, dtype=torch.float64))
+        if fired is None and criterion.ready(k, 0):
+            fired = (k, criterion.fired_rule)
+    assert fired == expected
+    if expected is not None:
+        assert expected[0] >= 200 and criterion.reason.startswith(f"absolute_rules({expected[1]}=")
+
+
+def test_absolute_rules_state_round_trips_mid_window() -> None:
+    criterion = make_criterion({"min_steps": 0, "window": 4})
+    for k in range(6):
+        criterion.observe_step(torch.tensor(1.0 / (k + 1)), torch.tensor(1.0))
+    clone = make_criterion(criterion.config())
+    clone.load_state_dict(criterion.state_dict())
+    assert clone.state_dict() == criterion.state_dict()
+    for c in (criterion, clone):
+        for k in range(6, 8):
+            c.observe_step(torch.tensor(1.0 / (k + 1)), torch.tensor(1.0))
+    assert clone.state_dict() == criterion.state_dict() and clone.statistics
