@@ -1,0 +1,158 @@
+"""Automatic switch rules against the searched switch (issue 15): one training run against a search's many.
+
+For each workload, FUSE-PV with that workload's settings from its fair comparison (``results/<name>/results.md``:
+lr, history size, line search; everything but the switch) is trained with each switch rule:
+
+- ``tuned``: the best ``switch.epoch`` found by searching every epoch 1 .. epochs - 1 on the tuning seeds (an
+  exhaustive search: no study over that one-dimensional space can find a better one), selected on the
+  validation metric (the final training loss on a test function); its cost is that many runs per tuning seed;
+- ``plateau``: ``{"criterion": "plateau"}`` with its default ratio 0.1 (:class:`fuse_optim.switch.PlateauCriterion`,
+  no threshold in the loss's units);
+- ``absolute_rules``: opifex's absolute thresholds with their published defaults
+  (:class:`fuse_optim.switch.AbsoluteRulesCriterion`);
+- ``never``: Adam throughout; ``middle``: the epoch criterion at ``epochs // 2``;
+
+then every rule is rerun on the same fresh seeds (100 .. 100 + seeds - 1; the same initial weights and batch
+order for every rule of a seed), where the test metric is reported (the final loss on a test function). The
+table gives per rule the mean and median final metric over the seeds, the paired difference against ``tuned``
+(mean, std, t), the share of the gap between ``never`` and ``tuned`` that the rule closes (mean over seeds), the
+gradient evaluations and the switch epochs.
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_auto_switch [--workloads digits-logreg ...]
+[--seeds 5] [--jobs 2] [--data-dir DIR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import math
+import multiprocessing
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .bench_step_cost import cpu_description
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One workload's FUSE-PV settings (all but the switch), its epochs and the measure compared."""
+
+    epochs: int
+    fixed: dict[str, Any]
+    metric: str  # "accuracy" (maximized), "l2re" (minimized) or "loss" (a test function's final f)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    needs_data: bool = False
+
+
+#: settings of the tuned FUSE-PV of each fair comparison (results/<name>/results.md), its switch left out
+SETUPS = {
+    "digits-logreg": Setup(10, {"lr": 2.74e-4, "history_size": 9, "lbfgs_lr": 0.0324, "line_search": "armijo"},
+                           "accuracy", {"batch_size": 64}),
+    "digits-mlp": Setup(10, {"lr": 0.0289, "history_size": 12, "lbfgs_lr": 0.0502, "line_search": "armijo"},
+                        "accuracy", {"batch_size": 64}),
+    "digits-cnn": Setup(10, {"lr": 0.0137, "history_size": 17, "lbfgs_lr": 0.105, "line_search": "armijo"},
+                        "accuracy", {"batch_size": 64}),
+    "mnist-test-split-logreg": Setup(10, {"lr": 0.00581, "history_size": 11, "lbfgs_lr": 0.0186,
+                                          "line_search": "armijo"}, "accuracy", {"batch_size": 64}, True),
+    "usps-cnn": Setup(5, {"lr": 0.0225, "history_size": 17, "lbfgs_lr": 0.978, "line_search": "armijo"},
+                      "accuracy", {"batch_size": 64}, True),
+    "pinn-reaction": Setup(30, {"lr": 7.31e-3, "history_size": 64, "lbfgs_lr": 1.0, "line_search": "strong_wolfe"},
+                           "l2re", {"full_batch": True, "steps_per_epoch": 100, "workload_options":
+                                    {"n_residual": 2000}}),
+    "rosenbrock": Setup(10, {"lr": 0.01, "history_size": 10, "line_search": "strong_wolfe"}, "loss",
+                        {"steps_per_epoch": 50}),
+    "rastrigin": Setup(10, {"lr": 0.01, "history_size": 10, "line_search": "strong_wolfe"}, "loss",
+                       {"steps_per_epoch": 50}),
+}
+RULES = ("tuned", "plateau", "absolute_rules", "never", "middle")
+
+
+def _config(workload: str, switch: dict[str, Any], seed: int, evaluate_test: bool, data_dir: str | None):
+    from fuse_tune.train import TrainConfig
+
+    setup = SETUPS[workload]
+    trainer = dict(setup.trainer)
+    options = trainer.pop("workload_options", {})
+    return TrainConfig(workload=workload, optimizer="fuse_pv", optimizer_args={**setup.fixed, "switch": switch},
+                       workload_options=options, epochs=setup.epochs, seed=seed, threads=1, device="cpu",
+                       evaluate_test=evaluate_test, data_dir=data_dir, **trainer)
+
+
+def _run(workload: str, switch: dict[str, Any], seed: int, split: str, data_dir: str | None) -> dict[str, Any]:
+    """One training run; its final measure on ``split`` (``val``/``test``), evaluations and switch epoch."""
+    from fuse_tune.train import train
+
+    setup = SETUPS[workload]
+    result = train(_config(workload, switch, seed, split == "test", data_dir))
+    final = result.final
+    value = final.train_loss if setup.metric == "loss" else final.scores[f"{split}_{setup.metric}"]
+    return {"value": float(value), "grad_evals": final.grad_evals, "switch_epoch": final.switch_epoch}
+
+
+def _better(metric: str) -> int:
+    return 1 if metric == "accuracy" else -1
+
+
+def measure(workload: str, seeds: list[int], tuning_seeds: list[int], pool: concurrent.futures.Executor,
+            data_dir: str | None) -> list[str]:
+    setup = SETUPS[workload]
+    sign = _better(setup.metric)
+    grid = list(range(1, setup.epochs))
+    tuning = {(e, s): pool.submit(_run, workload, {"criterion": "epoch", "epoch": e}, s, "val", data_dir)
+              for e in grid for s in tuning_seeds}
+    scores = {e: statistics.fmean(tuning[(e, s)].result()["value"] for s in tuning_seeds) for e in grid}
+    best = max(grid, key=lambda e: (sign * scores[e], -e))
+    switches = {"tuned": {"criterion": "epoch", "epoch": best}, "plateau": {"criterion": "plateau"},
+                "absolute_rules": {"criterion": "absolute_rules"}, "never": {"criterion": "never"},
+                "middle": {"criterion": "epoch", "epoch": setup.epochs // 2}}
+    runs = {(rule, s): pool.submit(_run, workload, switches[rule], s, "test", data_dir) for rule in RULES
+            for s in seeds}
+    out = {rule: [runs[(rule, s)].result() for s in seeds] for rule in RULES}
+    values = {rule: [r["value"] for r in out[rule]] for rule in RULES}
+    label = "final f" if setup.metric == "loss" else f"test {setup.metric}"
+    lines = [f"\n### {workload}: {setup.epochs} epochs, tuned switch = epoch {best} (searched epochs 1-"
+             f"{setup.epochs - 1} on tuning seeds {tuning_seeds}: {len(grid) * len(tuning_seeds)} runs)\n",
+             f"| rule | runs to find the switch | {label} mean | median | minus tuned: mean (std, t) | gap closed "
+             f"| gradient evaluations | switch epochs |", "|---|---|---|---|---|---|---|---|"]
+    gap = statistics.fmean(values["tuned"]) - statistics.fmean(values["never"])
+    for rule in RULES:
+        diff = [a - b for a, b in zip(values[rule], values["tuned"], strict=True)]
+        std = statistics.stdev(diff) if len(diff) > 1 else math.nan
+        t = statistics.fmean(diff) / (std / math.sqrt(len(diff))) if std and std > 0 else math.nan
+        closed = ((statistics.fmean(values[rule]) - statistics.fmean(values["never"])) / gap
+                  if gap != 0 else math.nan)
+        cost = len(grid) * len(tuning_seeds) if rule == "tuned" else 0
+        epochs = ",".join("-" if r["switch_epoch"] is None else str(r["switch_epoch"]) for r in out[rule])
+        lines.append(f"| {rule} | {cost} + 1 | {statistics.fmean(values[rule]):.4g} | "
+                     f"{statistics.median(values[rule]):.4g} | {statistics.fmean(diff):+.3g} ({std:.2g}, {t:.2f}) | "
+                     f"{closed:.0%} | {statistics.fmean(r['grad_evals'] for r in out[rule]):.0f} | {epochs} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workloads", nargs="*", choices=sorted(SETUPS),
+                        default=["digits-logreg", "digits-mlp", "rosenbrock", "rastrigin"])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--tuning-seeds", type=int, nargs="*", default=[0, 1])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--data-dir", help="folder with USPS/ and MNIST/raw/ (the mnist and usps workloads)")
+    args = parser.parse_args()
+    for workload in args.workloads:
+        if SETUPS[workload].needs_data and not args.data_dir:
+            parser.error(f"--data-dir: {workload} reads its data from a folder; give --data-dir")
+    print(f"# CPU: {cpu_description()}")
+    print(f"# rerun seeds {list(range(100, 100 + args.seeds))}, {args.jobs} runs at once, 1 torch thread each")
+    seeds = list(range(100, 100 + args.seeds))
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+        for workload in args.workloads:
+            began = time.perf_counter()
+            print("\n".join(measure(workload, seeds, args.tuning_seeds, pool, args.data_dir)), flush=True)
+            print(f"\n({workload}: {time.perf_counter() - began:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
