@@ -69,6 +69,12 @@ SETUPS = {
 RULES = ("tuned", "plateau", "absolute_rules", "never", "middle")
 
 
+def _rules(ratios: list[float]) -> tuple[str, ...]:
+    """``plateau`` at its default ratio, plus ``plateau@r`` for each other ratio asked for."""
+    extra = tuple(f"plateau@{r:g}" for r in ratios if r != 0.1)
+    return RULES[:2] + extra + RULES[2:]
+
+
 def _config(workload: str, switch: dict[str, Any], seed: int, evaluate_test: bool, data_dir: str | None):
     from fuse_tune.train import TrainConfig
 
@@ -96,7 +102,7 @@ def _better(metric: str) -> int:
 
 
 def measure(workload: str, seeds: list[int], tuning_seeds: list[int], pool: concurrent.futures.Executor,
-            data_dir: str | None) -> list[str]:
+            data_dir: str | None, rules: tuple[str, ...] = RULES) -> list[str]:
     setup = SETUPS[workload]
     sign = _better(setup.metric)
     grid = list(range(1, setup.epochs))
@@ -107,17 +113,19 @@ def measure(workload: str, seeds: list[int], tuning_seeds: list[int], pool: conc
     switches = {"tuned": {"criterion": "epoch", "epoch": best}, "plateau": {"criterion": "plateau"},
                 "absolute_rules": {"criterion": "absolute_rules"}, "never": {"criterion": "never"},
                 "middle": {"criterion": "epoch", "epoch": setup.epochs // 2}}
-    runs = {(rule, s): pool.submit(_run, workload, switches[rule], s, "test", data_dir) for rule in RULES
+    switches.update({rule: {"criterion": "plateau", "ratio": float(rule.split("@")[1])} for rule in rules
+                     if "@" in rule})
+    runs = {(rule, s): pool.submit(_run, workload, switches[rule], s, "test", data_dir) for rule in rules
             for s in seeds}
-    out = {rule: [runs[(rule, s)].result() for s in seeds] for rule in RULES}
-    values = {rule: [r["value"] for r in out[rule]] for rule in RULES}
+    out = {rule: [runs[(rule, s)].result() for s in seeds] for rule in rules}
+    values = {rule: [r["value"] for r in out[rule]] for rule in rules}
     label = "final f" if setup.metric == "loss" else f"test {setup.metric}"
     lines = [f"\n### {workload}: {setup.epochs} epochs, tuned switch = epoch {best} (searched epochs 1-"
              f"{setup.epochs - 1} on tuning seeds {tuning_seeds}: {len(grid) * len(tuning_seeds)} runs)\n",
              f"| rule | runs to find the switch | {label} mean | median | minus tuned: mean (std, t) | gap closed "
              f"| gradient evaluations | switch epochs |", "|---|---|---|---|---|---|---|---|"]
     gap = statistics.fmean(values["tuned"]) - statistics.fmean(values["never"])
-    for rule in RULES:
+    for rule in rules:
         diff = [a - b for a, b in zip(values[rule], values["tuned"], strict=True)]
         std = statistics.stdev(diff) if len(diff) > 1 else math.nan
         t = statistics.fmean(diff) / (std / math.sqrt(len(diff))) if std and std > 0 else math.nan
@@ -139,6 +147,8 @@ def main() -> None:
     parser.add_argument("--tuning-seeds", type=int, nargs="*", default=[0, 1])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--data-dir", help="folder with USPS/ and MNIST/raw/ (the mnist and usps workloads)")
+    parser.add_argument("--ratios", type=float, nargs="*", default=[0.1],
+                        help="plateau ratios to measure (0.1, the default, always)")
     args = parser.parse_args()
     for workload in args.workloads:
         if SETUPS[workload].needs_data and not args.data_dir:
@@ -150,7 +160,8 @@ def main() -> None:
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
         for workload in args.workloads:
             began = time.perf_counter()
-            print("\n".join(measure(workload, seeds, args.tuning_seeds, pool, args.data_dir)), flush=True)
+            print("\n".join(measure(workload, seeds, args.tuning_seeds, pool, args.data_dir, _rules(args.ratios))),
+                  flush=True)
             print(f"\n({workload}: {time.perf_counter() - began:.0f} s)", flush=True)
 
 
