@@ -562,12 +562,14 @@ def _latest_complete(table: pd.DataFrame) -> pd.DataFrame:
     return complete[complete["trial"] == latest]
 
 
-def target_table(table: pd.DataFrame, targets: Mapping[str, Sequence[float]]) -> pd.DataFrame:
+def target_table(table: pd.DataFrame, targets: Mapping[str, Sequence[float]],
+                 order: Sequence[str] | None = None) -> pd.DataFrame:
     """Time to target (a comparison's reruns): per method and target (``{"test_l2re": [0.1, 0.01]}``), on how many
     seeds the measure reached it (at or below for a minimized measure, at or above for a maximized one) at the end
     of some epoch, and over those seeds the median gradient evaluations and training wall time at the first such
     epoch (the trainer's ``metric_targets``, read back from the per-epoch records). Columns: method, measure,
-    target, seeds, reached, grad_evals.median, wall_time.median, in the comparison table's method order."""
+    target, seeds, reached, grad_evals.median, wall_time.median; methods in ``order`` (e.g. the comparison table's),
+    else by name."""
     columns = ["method", "measure", "target", "seeds", "reached", "grad_evals.median", "wall_time.median"]
     if table.empty:
         return empty(f"no per-epoch metrics in {_studies(table)}", columns)
@@ -588,7 +590,11 @@ def target_table(table: pd.DataFrame, targets: Mapping[str, Sequence[float]]) ->
                              "reached": len(first),
                              "grad_evals.median": float(first[Metrics.GRAD_EVALS].median()) if len(first) else np.nan,
                              "wall_time.median": float(first[Metrics.WALL_TIME].median()) if len(first) else np.nan})
-    return pd.DataFrame(rows, columns=columns)
+    out = pd.DataFrame(rows, columns=columns)
+    if order is not None:
+        rank = {method: i for i, method in enumerate(order)}
+        out = out.sort_values("method", key=lambda m: m.map(lambda x: rank.get(x, len(rank))), kind="stable")
+    return out.reset_index(drop=True)
 
 
 def target_markdown(table: pd.DataFrame) -> str:

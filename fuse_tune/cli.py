@@ -261,7 +261,7 @@ def _command_compare(args: argparse.Namespace) -> int:
     if comparison.metric_targets:
         reached = ("\nTime to target: on how many seeds each target was reached at the end of an epoch, and over "
                    "those seeds the median gradient evaluations and training time until the first such epoch:\n\n"
-                   + target_markdown(target_table(frame, comparison.metric_targets)))
+                   + target_markdown(target_table(frame, comparison.metric_targets, order=list(table["method"]))))
     tuned = [f"- `{p.method}`: best of {comparison.tuning['trials']} trials = trial {p.best_trial} "
              f"({p.tuning_value:.6g} on tuning seeds {comparison.tuning['seeds']}); study file {p.study_path}"
              if p.tuned else f"- `{p.method}`: fixed settings, not tuned ({p.study_path})" for p in plans]

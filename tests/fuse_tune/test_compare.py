@@ -170,6 +170,8 @@ def test_target_table_counts_seeds_and_takes_medians_at_the_first_epoch_reached(
     assert "| `recipe` | 3/3 | 202 | 4.0 | 1/3 | 300 | 6.0 |" in text
     assert "| `adam` | 0/3 | - | - | 0/3 | - | - |" in text
     assert "not logged" in target_table(pd.DataFrame(rows), {"test_accuracy": [0.9]}).attrs["reason"]
+    ordered = target_table(pd.DataFrame(rows), {"test_l2re": [0.1]}, order=["recipe", "adam"])
+    assert list(ordered["method"]) == ["recipe", "adam"]  # as the comparison table orders them (best first)
 
 
 def test_compare_tunes_reruns_on_paired_seeds_and_resumes(tmp_path):
