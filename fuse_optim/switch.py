@@ -186,7 +186,45 @@ class _WindowedMean:
         self.total, self.count = float(state["total"]), int(state["count"])
 
 
-class GradNormCriterion(SwitchCriterion):
+class _WindowedCriterion(SwitchCriterion):
+    """A criterion deciding on the mean of one per-step quantity (the loss, or ``||g||^2``) over each epoch
+    (``window=None``, in :meth:`end_epoch`) or each ``window`` steps (one host read-back per window); once it
+    fired it stays fired. Subclasses say what they observe and decide in :meth:`_decide`."""
+
+    #: what :meth:`observe_step` accumulates: ``"loss"`` or ``"grad_sq_norm"``
+    observes = "loss"
+
+    def _init_window(self, window: int | None) -> None:
+        self.window = _check_window(window, "window")
+        self._acc = _WindowedMean()
+        self.fired = False
+
+    def observe_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
+        value = loss if self.observes == "loss" else grad_sq_norm
+        if value is None:
+            needed = "the closure's loss on" if self.observes == "loss" else "the squared gradient norm of"
+            raise RuntimeError(f"{type(self).__name__} needs {needed} every step")
+        self._acc.add(value)
+        if self.window is not None and self._acc.count >= self.window:
+            self._decide_on_mean()
+
+    def end_epoch(self) -> None:
+        if self.window is None:
+            self._decide_on_mean()
+
+    def _decide_on_mean(self) -> None:
+        mean = self._acc.pop_mean()
+        if mean is not None:
+            self._decide(mean)
+
+    def _decide(self, mean: float) -> None:
+        raise NotImplementedError
+
+    def ready(self, step: int, epoch: int) -> bool:
+        return self.fired
+
+
+class GradNormCriterion(_WindowedCriterion):
     """Gradient-norm criterion, paper Eq. 3: switch when ``(1/K) sum_k ||g(x_k)||^2 <= zeta``.
 
     The mean runs over the steps of the last completed epoch (``window=None``, decided in
@@ -196,33 +234,16 @@ class GradNormCriterion(SwitchCriterion):
 
     name = "grad_norm"
     needs_grad_norm = True
+    observes = "grad_sq_norm"
 
     def __init__(self, zeta: float, window: int | None = None) -> None:
         self.zeta = _check_positive_float(zeta, "zeta")
-        self.window = _check_window(window, "window")
-        self._acc = _WindowedMean()
+        self._init_window(window)
         self.last_mean: float | None = None
-        self.fired = False
 
-    def observe_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
-        if grad_sq_norm is None:
-            raise RuntimeError("GradNormCriterion needs the squared gradient norm of every step")
-        self._acc.add(grad_sq_norm)
-        if self.window is not None and self._acc.count >= self.window:
-            self._decide()
-
-    def end_epoch(self) -> None:
-        if self.window is None:
-            self._decide()
-
-    def _decide(self) -> None:
-        mean = self._acc.pop_mean()
-        if mean is not None:
-            self.last_mean = mean
-            self.fired = self.fired or mean <= self.zeta
-
-    def ready(self, step: int, epoch: int) -> bool:
-        return self.fired
+    def _decide(self, mean: float) -> None:
+        self.last_mean = mean
+        self.fired = self.fired or mean <= self.zeta
 
     @property
     def reason(self) -> str:
@@ -240,7 +261,7 @@ class GradNormCriterion(SwitchCriterion):
         self.last_mean, self.fired = state["last_mean"], bool(state["fired"])
 
 
-class LossChangeCriterion(SwitchCriterion):
+class LossChangeCriterion(_WindowedCriterion):
     """Loss-change criterion, paper Eq. 4: switch when ``|f_k - f_{k-1}| <= sigma``.
 
     Minibatch losses are noisy, so ``f_k`` is a smoothed loss: the mean closure loss over the
@@ -253,38 +274,19 @@ class LossChangeCriterion(SwitchCriterion):
 
     def __init__(self, sigma: float, window: int | None = None, relative: bool = False) -> None:
         self.sigma = _check_positive_float(sigma, "sigma")
-        self.window = _check_window(window, "window")
         if not isinstance(relative, bool):
             raise ValueError(f"relative must be True or False, got {relative!r}")
         self.relative = relative
-        self._acc = _WindowedMean()
+        self._init_window(window)
         self.previous: float | None = None
         self.last_change: float | None = None
-        self.fired = False
 
-    def observe_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
-        if loss is None:
-            raise RuntimeError("LossChangeCriterion needs the closure's loss on every step")
-        self._acc.add(loss)
-        if self.window is not None and self._acc.count >= self.window:
-            self._decide()
-
-    def end_epoch(self) -> None:
-        if self.window is None:
-            self._decide()
-
-    def _decide(self) -> None:
-        current = self._acc.pop_mean()
-        if current is None:
-            return
+    def _decide(self, current: float) -> None:
         if self.previous is not None and math.isfinite(current):
             self.last_change = abs(current - self.previous)
             bound = self.sigma * abs(self.previous) if self.relative else self.sigma
             self.fired = self.fired or self.last_change <= bound
         self.previous = current
-
-    def ready(self, step: int, epoch: int) -> bool:
-        return self.fired
 
     @property
     def reason(self) -> str:
@@ -309,7 +311,7 @@ class LossChangeCriterion(SwitchCriterion):
         self.fired = bool(state["fired"])
 
 
-class PlateauCriterion(SwitchCriterion):
+class PlateauCriterion(_WindowedCriterion):
     """Switch once Adam's progress has flattened relative to its own best: no scale-dependent threshold.
 
     With ``f_e`` the mean closure loss over epoch ``e`` (or over each ``window`` of steps), the progress of a
@@ -336,31 +338,17 @@ class PlateauCriterion(SwitchCriterion):
         self.ratio = _check_positive_float(ratio, "ratio")
         if self.ratio >= 1:
             raise ValueError(f"ratio must be a number in (0, 1), got {ratio!r}")
-        self.window = _check_window(window, "window")
         if isinstance(min_periods, bool) or not isinstance(min_periods, int) or min_periods < 1:
             raise ValueError(f"min_periods must be an integer >= 1, got {min_periods!r}")
         self.min_periods = min_periods
-        self._acc = _WindowedMean()
+        self._init_window(window)
         self.previous: float | None = None
         self.best_progress = 0.0
         self.periods = 0
         self.statistic: float | None = None
-        self.fired = False
 
-    def observe_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
-        if loss is None:
-            raise RuntimeError("PlateauCriterion needs the closure's loss on every step")
-        self._acc.add(loss)
-        if self.window is not None and self._acc.count >= self.window:
-            self._decide()
-
-    def end_epoch(self) -> None:
-        if self.window is None:
-            self._decide()
-
-    def _decide(self) -> None:
-        current = self._acc.pop_mean()
-        if self.fired or current is None or not math.isfinite(current):
+    def _decide(self, current: float) -> None:
+        if self.fired or not math.isfinite(current):
             return  # after firing the statistic stays the value it fired on
         if self.previous is not None:
             self.periods += 1
@@ -371,9 +359,6 @@ class PlateauCriterion(SwitchCriterion):
                 if self.periods >= self.min_periods and self.statistic <= self.ratio:
                     self.fired = True
         self.previous = current
-
-    def ready(self, step: int, epoch: int) -> bool:
-        return self.fired
 
     @property
     def reason(self) -> str:
