@@ -102,8 +102,8 @@ CASES = [
     ("not-yaml", "name: x\nsearch: {lr: [1, 2\n", ["not valid YAML"]),
     ("yaml-list", "- name: x\n- workload: digits-logreg\n", ["must be a YAML mapping", "list"]),
     ("unknown-switch-criterion-choice",
-     study(search={"switch.criterion": {"type": "categorical", "choices": ["never", "plateau"]}}),
-     ["search.switch.criterion.choices[1]", "criterion", "'plateau'"]),
+     study(search={"switch.criterion": {"type": "categorical", "choices": ["never", "sometimes"]}}),
+     ["search.switch.criterion.choices[1]", "criterion", "'sometimes'"]),
     ("theta-above-one", study(optimizer="fuse", search={
         "theta.schedule": {"type": "categorical", "choices": ["constant"]},
         "theta.theta": {"type": "float", "low": 0.5, "high": 1.5, "when": {"theta.schedule": "constant"}}}),
