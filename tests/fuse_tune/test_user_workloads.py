@@ -476,7 +476,7 @@ def test_a_comparison_of_a_users_workload_selects_on_validation_and_reports_test
                            "--storage", f"journal:{project / 'j.log'}", "--out", "out", "--threads", "1", "--quiet"],
                           cwd=project, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    header = "| method | seeds | validation mse | test mse | final train loss |"
+    header = "| method | seeds | validation mse | test mse | test mse median (best) | final train loss |"
     assert header in done.stdout and "final test_mse" in done.stdout  # the paired comparison on the test split
     written = yaml.safe_load((project / "out" / "studies" / "cmp_user-adam.yaml").read_text())
     assert written["workload_path"] == [str(project)]  # the comparison file's folder, not out/studies
