@@ -235,7 +235,7 @@ def plot_learning_curves(table: pd.DataFrame) -> Plot:
 
 def plot_evaluation_curves(table: pd.DataFrame) -> Plot:
     """One panel per study: the reported metric against gradient evaluations, a thin line per seed in its
-    variant's colour, a triangle where each seed switched (log y when positive and spread over two decades)."""
+    variant's colour, a triangle where each seed switched (log y when positive and spread over a decade)."""
     name, title = "evaluation_curves", "Metric against gradient evaluations"
     if (none := _none(name, title, table)) is not None:
         return none
@@ -256,7 +256,7 @@ def plot_evaluation_curves(table: pd.DataFrame) -> Plot:
         if not switches.empty:
             ax.scatter([], [], marker="v", color="0.6", edgecolors="black", label="switch (end of the Adam phase)")
         values = rows["value"]
-        if (values > 0).all() and values.max() > 100 * values.min():
+        if (values > 0).all() and values.max() > 10 * values.min():
             ax.set_yscale("log")
         metric = str(rows["metric"].iloc[0])
         ax.set_title(f"{study}: {_label(metric)}, one line per seed")
