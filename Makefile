@@ -49,7 +49,7 @@ results: $(STAMP)
 # The PINN comparisons behind RESULTS.md's PINN tables (issue 14; no data files: the points are generated), then
 # their reports; --threads 1 per worker (two torch threads per trial on 2 loaded cores are 10-30x slower):
 #   make results-pinn
-PINN_COMPARISONS ?= pinn_reaction pinn_convection pinn_wave
+PINN_COMPARISONS ?= pinn_reaction pinn_convection pinn_wave pinn_reaction_long
 results-pinn: $(STAMP)
 	for name in $(PINN_COMPARISONS); do start=$$(date +%s); \
 	  $(VENV)/bin/fuse-tune compare studies/compare/$$name.yaml --n-jobs 2 --threads 1 --out results/$$name --quiet \
