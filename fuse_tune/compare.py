@@ -105,10 +105,11 @@ class Comparison:
 
     @property
     def metric_targets(self) -> dict[str, list[float]]:
-        """The shared ``fixed.metric_targets`` (``{"test_l2re": [0.1, 0.01]}``): the results' time-to-target table."""
-        prefix = "metric_targets."
-        return {key.removeprefix(prefix): list(value) if isinstance(value, list | tuple) else [value]
-                for key, value in _flatten(self.fixed) if key.startswith(prefix)}
+        """The shared ``fixed.metric_targets`` (``{"test_l2re": [0.1, 0.01]}``): the results' time-to-target table,
+        read as the trainer reads it (:func:`fuse_tune.train.target_values`)."""
+        from fuse_tune.train import target_values  # torch: only once a comparison has run
+
+        return target_values(nest(dict(_flatten(self.fixed))).get("metric_targets", {}))
 
 
 @dataclass

@@ -24,7 +24,7 @@ from fuse_tune.optimizers import build_optimizer, optimizer_phase
 from fuse_tune.workloads import build_function, build_supervised, get_workload
 from fuse_tune.workloads.interface import Data, Metric, Problem, check_loss_value, first_batch, split_size
 
-__all__ = ["TrainConfig", "EpochMetrics", "TrainResult", "Trainer", "train", "resolve_device", "TRAINER_KEYS"]
+__all__ = ["TrainConfig", "EpochMetrics", "TrainResult", "Trainer", "train", "resolve_device", "TRAINER_KEYS", "target_values"]
 
 
 @dataclass
@@ -104,7 +104,7 @@ class TrainConfig:
             _positive_int(self.threads, "threads")
         if self.grad_eval_budget is not None:
             _positive_int(self.grad_eval_budget, "grad_eval_budget")
-        _target_values(self.metric_targets)
+        target_values(self.metric_targets)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not isinstance(self.full_batch, bool):
@@ -120,7 +120,7 @@ TRAINER_KEYS = tuple(f.name for f in fields(TrainConfig)
                      if f.name not in ("workload", "optimizer", "optimizer_args", "workload_options", "workload_path"))
 
 
-def _target_values(targets: Any) -> dict[str, list[float]]:
+def target_values(targets: Any) -> dict[str, list[float]]:
     """``metric_targets`` as ``{measure: [targets]}``; a one-line ``ValueError`` naming the field otherwise."""
     if not isinstance(targets, Mapping):
         raise ValueError(f"metric_targets must map a measure to a target or a list of them, got {targets!r}")
@@ -360,7 +360,7 @@ class Trainer:
     def _targets(self) -> dict[str, tuple[str, float, bool]]:
         """``metric_targets`` as ``{"test_l2re<=0.1": (measure, target, maximize)}``."""
         return {f"{measure}{'>=' if maximize else '<='}{target:g}": (measure, target, maximize)
-                for measure, targets in _target_values(self.config.metric_targets).items()
+                for measure, targets in target_values(self.config.metric_targets).items()
                 for maximize in (self._direction(measure) == "maximize",) for target in targets}
 
     def _record_targets(self, metrics: EpochMetrics) -> None:
