@@ -24,7 +24,8 @@ from fuse_tune.optimizers import build_optimizer, optimizer_phase
 from fuse_tune.workloads import build_function, build_supervised, get_workload
 from fuse_tune.workloads.interface import Data, Metric, Problem, check_loss_value, first_batch, split_size
 
-__all__ = ["TrainConfig", "EpochMetrics", "TrainResult", "Trainer", "train", "resolve_device", "TRAINER_KEYS", "target_values"]
+__all__ = ["TrainConfig", "EpochMetrics", "TrainResult", "Trainer", "train", "resolve_device", "TRAINER_KEYS",
+           "target_values"]
 
 
 @dataclass
