@@ -540,10 +540,19 @@ CRITERIA: dict[str, type[SwitchCriterion]] = {
 }
 
 
-#: the key only one criterion takes: ``{"epoch": 5}`` means ``{"criterion": "epoch", "epoch": 5}``
-_OWN_KEY = {"epoch": "epoch", "step": "step", "zeta": "grad_norm", "sigma": "loss_change", "ratio": "plateau",
-            "min_periods": "plateau", "min_steps": "absolute_rules", "loss_variance": "absolute_rules",
-            "improvement": "absolute_rules"}
+#: the keys each criterion with settings accepts (``any``/``all`` take ``of``; ``never`` none)
+_ACCEPTED_KEYS: dict[str, set[str]] = {
+    "epoch": {"epoch"},
+    "step": {"step"},
+    "grad_norm": {"zeta", "window"},
+    "loss_change": {"sigma", "window", "relative"},
+    "plateau": {"ratio", "window", "min_periods"},
+    "absolute_rules": {"min_steps", "window", "loss_variance", "grad_norm", "improvement"},
+    "never": set(),
+}
+#: the key only one criterion takes -> that criterion: ``{"epoch": 5}`` means ``{"criterion": "epoch", "epoch": 5}``
+_OWN_KEY = {key: kind for kind, keys in _ACCEPTED_KEYS.items() for key in keys
+            if sum(key in other for other in _ACCEPTED_KEYS.values()) == 1}
 
 
 def _implied_criterion(options: Mapping[str, Any]) -> str | None:
@@ -579,15 +588,7 @@ def make_criterion(spec: SwitchCriterion | Mapping[str, Any] | str) -> SwitchCri
         if unknown or "of" not in options:
             raise ValueError(f"switch criterion {kind!r} takes exactly the key 'of', got {sorted(options)}")
         return cls(options["of"])
-    accepted = {
-        "epoch": {"epoch"},
-        "step": {"step"},
-        "grad_norm": {"zeta", "window"},
-        "loss_change": {"sigma", "window", "relative"},
-        "plateau": {"ratio", "window", "min_periods"},
-        "absolute_rules": {"min_steps", "window", "loss_variance", "grad_norm", "improvement"},
-        "never": set(),
-    }[kind]
+    accepted = _ACCEPTED_KEYS[kind]
     required = {"epoch": {"epoch"}, "step": {"step"}, "grad_norm": {"zeta"}, "loss_change": {"sigma"}}.get(kind, set())
     unknown = set(options) - accepted
     if unknown:
