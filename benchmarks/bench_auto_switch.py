@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import math
 import multiprocessing
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -44,6 +46,11 @@ class Setup:
     metric: str  # "accuracy" (maximized), "l2re" (minimized) or "loss" (a test function's final f)
     trainer: dict[str, Any] = field(default_factory=dict)
     needs_data: bool = False
+    #: seeds the study's trials train on (None: the command's ``--tuning-seeds``)
+    tuning_seeds: tuple[int, ...] | None = None
+
+
+_PINN = {"full_batch": True, "steps_per_epoch": 100, "grad_eval_budget": 3000, "epochs_cap": 300}
 
 
 #: settings of the tuned FUSE-PV of each fair comparison (results/<name>/results.md), its switch left out
@@ -58,9 +65,15 @@ SETUPS = {
                                           "line_search": "armijo"}, "accuracy", {"batch_size": 64}, True),
     "usps-cnn": Setup(5, {"lr": 0.0225, "history_size": 17, "lbfgs_lr": 0.978, "line_search": "armijo"},
                       "accuracy", {"batch_size": 64}, True),
+    # the PINN problems as in their fair comparisons (studies/compare/pinn_*.yaml): 3,000 gradient evaluations,
+    # 100 full-batch steps an epoch (30 epochs of Adam; the cap only bounds L-BFGS's shorter epochs), tuning seed 0
     "pinn-reaction": Setup(30, {"lr": 7.31e-3, "history_size": 64, "lbfgs_lr": 1.0, "line_search": "strong_wolfe"},
-                           "l2re", {"full_batch": True, "steps_per_epoch": 100, "workload_options":
-                                    {"n_residual": 2000}}),
+                           "l2re", {**_PINN, "workload_options": {"n_residual": 2000}}, tuning_seeds=(0,)),
+    "pinn-convection": Setup(30, {"lr": 1.06e-4, "history_size": 35, "lbfgs_lr": 1.0,
+                                  "line_search": "strong_wolfe"},
+                             "l2re", {**_PINN, "workload_options": {"n_residual": 2000}}, tuning_seeds=(0,)),
+    "pinn-wave": Setup(30, {"lr": 1.15e-3, "history_size": 27, "lbfgs_lr": 1.0, "line_search": "strong_wolfe"},
+                       "l2re", {**_PINN, "workload_options": {"n_residual": 1000}}, tuning_seeds=(0,)),
     "rosenbrock": Setup(10, {"lr": 0.01, "history_size": 10, "line_search": "strong_wolfe"}, "loss",
                         {"steps_per_epoch": 50}),
     "rastrigin": Setup(10, {"lr": 0.01, "history_size": 10, "line_search": "strong_wolfe"}, "loss",
@@ -75,53 +88,139 @@ def _rules(ratios: list[float]) -> tuple[str, ...]:
     return RULES[:2] + extra + RULES[2:]
 
 
+def _switch(rule: str, epochs: int) -> dict[str, Any]:
+    """The switch dict of an automatic or reference rule (``tuned`` is the study's and is not built here)."""
+    if rule.startswith("plateau@"):
+        return {"criterion": "plateau", "ratio": float(rule.split("@")[1])}
+    return {"plateau": {"criterion": "plateau"}, "absolute_rules": {"criterion": "absolute_rules"},
+            "never": {"criterion": "never"}, "middle": {"criterion": "epoch", "epoch": epochs // 2}}[rule]
+
+
 def _config(workload: str, switch: dict[str, Any], seed: int, evaluate_test: bool, data_dir: str | None):
     from fuse_tune.train import TrainConfig
 
     setup = SETUPS[workload]
     trainer = dict(setup.trainer)
     options = trainer.pop("workload_options", {})
+    epochs = trainer.pop("epochs_cap", setup.epochs)
     return TrainConfig(workload=workload, optimizer="fuse_pv", optimizer_args={**setup.fixed, "switch": switch},
-                       workload_options=options, epochs=setup.epochs, seed=seed, threads=1, device="cpu",
+                       workload_options=options, epochs=epochs, seed=seed, threads=1, device="cpu",
                        evaluate_test=evaluate_test, data_dir=data_dir, **trainer)
 
 
 def _run(workload: str, switch: dict[str, Any], seed: int, split: str, data_dir: str | None) -> dict[str, Any]:
-    """One training run; its final measure on ``split`` (``val``/``test``), evaluations and switch epoch."""
+    """One training run; its final measure on ``split`` (``val``/``test``), evaluations, steps and switch."""
     from fuse_tune.train import train
 
     setup = SETUPS[workload]
     result = train(_config(workload, switch, seed, split == "test", data_dir))
     final = result.final
     value = final.train_loss if setup.metric == "loss" else final.scores[f"{split}_{setup.metric}"]
-    return {"value": float(value), "grad_evals": final.grad_evals, "switch_epoch": final.switch_epoch}
+    return {"value": float(value), "grad_evals": final.grad_evals, "steps": final.steps,
+            "switch_epoch": final.switch_epoch, "switch_step": final.switch_step}
+
+
+class RunCache:
+    """Finished runs on disk (one JSON line each), so that an interrupted benchmark, or one rerun with another
+    rule added, trains only what it has not trained yet. A run is keyed by everything that decides it."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.runs: dict[str, dict[str, Any]] = {}
+        if path and os.path.exists(path):
+            with open(path) as lines:
+                for line in lines:
+                    if line.strip():
+                        entry = json.loads(line)
+                        self.runs[entry["key"]] = entry["run"]
+
+    @staticmethod
+    def key(workload: str, switch: dict[str, Any], seed: int, split: str) -> str:
+        setup = SETUPS[workload]
+        return json.dumps([workload, setup.epochs, setup.fixed, setup.trainer, switch, seed, split], sort_keys=True)
+
+    def submit(self, pool: concurrent.futures.Executor, workload: str, switch: dict[str, Any], seed: int,
+               split: str, data_dir: str | None) -> concurrent.futures.Future:
+        key = self.key(workload, switch, seed, split)
+        if key in self.runs:
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            done.set_result(self.runs[key])
+            return done
+        future = pool.submit(_run, workload, switch, seed, split, data_dir)
+        future.add_done_callback(lambda f: self._store(key, f))
+        return future
+
+    def _store(self, key: str, future: concurrent.futures.Future) -> None:
+        if future.exception() is not None:
+            return
+        self.runs[key] = future.result()
+        if self.path:
+            with open(self.path, "a") as out:
+                out.write(json.dumps({"key": key, "run": self.runs[key]}) + "\n")
 
 
 def _better(metric: str) -> int:
     return 1 if metric == "accuracy" else -1
 
 
-def measure(workload: str, seeds: list[int], tuning_seeds: list[int], pool: concurrent.futures.Executor,
-            data_dir: str | None, rules: tuple[str, ...] = RULES) -> list[str]:
+@dataclass
+class Study:
+    """The searched switch: a TPE study over the switch step, each trial the mean over the tuning seeds."""
+
+    best_step: int
+    best_value: float
+    trials: int
+    runs: int
+    values: list[tuple[int, float]]
+
+
+def tune_switch(workload: str, tuning_seeds: list[int], trials: int, jobs: int, cache: RunCache,
+                pool: concurrent.futures.Executor, data_dir: str | None) -> Study:
+    """A ``trials``-trial Optuna TPE study (seed 0, 10 random start-up trials) of ``switch.step`` in
+    ``1 .. total steps - 1`` on the validation measure, ``jobs`` trials at a time. Steps, not epochs: the
+    space a study can search is finer than the epoch grid, and the switch is found to the step."""
+    import optuna
+
     setup = SETUPS[workload]
+    never = cache.submit(pool, workload, {"criterion": "never"}, tuning_seeds[0], "val", data_dir).result()
+    total = never["steps"]
     sign = _better(setup.metric)
-    grid = list(range(1, setup.epochs))
-    tuning = {(e, s): pool.submit(_run, workload, {"criterion": "epoch", "epoch": e}, s, "val", data_dir)
-              for e in grid for s in tuning_seeds}
-    scores = {e: statistics.fmean(tuning[(e, s)].result()["value"] for s in tuning_seeds) for e in grid}
-    best = max(grid, key=lambda e: (sign * scores[e], -e))
-    switches = {"tuned": {"criterion": "epoch", "epoch": best}, "plateau": {"criterion": "plateau"},
-                "absolute_rules": {"criterion": "absolute_rules"}, "never": {"criterion": "never"},
-                "middle": {"criterion": "epoch", "epoch": setup.epochs // 2}}
-    switches.update({rule: {"criterion": "plateau", "ratio": float(rule.split("@")[1])} for rule in rules
-                     if "@" in rule})
-    runs = {(rule, s): pool.submit(_run, workload, switches[rule], s, "test", data_dir) for rule in rules
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize" if sign > 0 else "minimize",
+                                sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=10))
+    values: list[tuple[int, float]] = []
+    while len(values) < trials:
+        asked = [study.ask() for _ in range(min(jobs, trials - len(values)))]
+        steps = [trial.suggest_int("step", 1, total - 1) for trial in asked]
+        futures = [[cache.submit(pool, workload, {"criterion": "step", "step": step}, s, "val", data_dir)
+                    for s in tuning_seeds] for step in steps]
+        for trial, step, runs in zip(asked, steps, futures, strict=True):
+            value = statistics.fmean(f.result()["value"] for f in runs)
+            study.tell(trial, value)
+            values.append((step, value))
+    best = study.best_trial
+    return Study(best.params["step"], best.value, trials, trials * len(tuning_seeds), values)
+
+
+def measure(workload: str, seeds: list[int], tuning_seeds: list[int], pool: concurrent.futures.Executor,
+            data_dir: str | None, rules: tuple[str, ...] = RULES, trials: int = 30, jobs: int = 2,
+            cache: RunCache | None = None) -> list[str]:
+    setup = SETUPS[workload]
+    cache = cache or RunCache(None)
+    tuning_seeds = list(setup.tuning_seeds or tuning_seeds)
+    study = tune_switch(workload, tuning_seeds, trials, jobs, cache, pool, data_dir)
+    switches = {rule: _switch(rule, setup.epochs) for rule in rules if rule != "tuned"}
+    switches["tuned"] = {"criterion": "step", "step": study.best_step}
+    runs = {(rule, s): cache.submit(pool, workload, switches[rule], s, "test", data_dir) for rule in rules
             for s in seeds}
     out = {rule: [runs[(rule, s)].result() for s in seeds] for rule in rules}
     values = {rule: [r["value"] for r in out[rule]] for rule in rules}
     label = "final f" if setup.metric == "loss" else f"test {setup.metric}"
-    lines = [f"\n### {workload}: {setup.epochs} epochs, tuned switch = epoch {best} (searched epochs 1-"
-             f"{setup.epochs - 1} on tuning seeds {tuning_seeds}: {len(grid) * len(tuning_seeds)} runs)\n",
+    steps_per_epoch = out["never"][0]["grad_evals"] // setup.epochs
+    tried = ", ".join(f"{step}: {value:.4g}" for step, value in sorted(study.values))
+    lines = [f"\n### {workload}: {setup.epochs} epochs of {steps_per_epoch} steps; tuned switch = step "
+             f"{study.best_step} (epoch {study.best_step / steps_per_epoch:.2f}), from a {study.trials}-trial TPE "
+             f"study of switch.step on tuning seeds {tuning_seeds} ({study.runs} runs)\n",
              f"| rule | runs to find the switch | {label} mean | median | minus tuned: mean (std, t) | gap closed "
              f"| gradient evaluations | switch epochs |", "|---|---|---|---|---|---|---|---|"]
     gap = statistics.fmean(values["tuned"]) - statistics.fmean(values["never"])
@@ -131,11 +230,12 @@ def measure(workload: str, seeds: list[int], tuning_seeds: list[int], pool: conc
         t = statistics.fmean(diff) / (std / math.sqrt(len(diff))) if std and std > 0 else math.nan
         closed = ((statistics.fmean(values[rule]) - statistics.fmean(values["never"])) / gap
                   if gap != 0 else math.nan)
-        cost = len(grid) * len(tuning_seeds) if rule == "tuned" else 0
+        cost = study.runs if rule == "tuned" else 0
         epochs = ",".join("-" if r["switch_epoch"] is None else str(r["switch_epoch"]) for r in out[rule])
         lines.append(f"| {rule} | {cost} + 1 | {statistics.fmean(values[rule]):.4g} | "
                      f"{statistics.median(values[rule]):.4g} | {statistics.fmean(diff):+.3g} ({std:.2g}, {t:.2f}) | "
                      f"{closed:.0%} | {statistics.fmean(r['grad_evals'] for r in out[rule]):.0f} | {epochs} |")
+    lines.append(f"\nstudy trials (switch step: validation measure): {tried}")
     return lines
 
 
@@ -149,6 +249,9 @@ def main() -> None:
     parser.add_argument("--data-dir", help="folder with USPS/ and MNIST/raw/ (the mnist and usps workloads)")
     parser.add_argument("--ratios", type=float, nargs="*", default=[0.1],
                         help="plateau ratios to measure (0.1, the default, always)")
+    parser.add_argument("--trials", type=int, default=30, help="trials of the study that searches the switch")
+    parser.add_argument("--cache", default=".bench_auto_switch.jsonl",
+                        help="finished runs, reused when the benchmark is run again ('' keeps none)")
     args = parser.parse_args()
     for workload in args.workloads:
         if SETUPS[workload].needs_data and not args.data_dir:
@@ -157,11 +260,12 @@ def main() -> None:
     print(f"# rerun seeds {list(range(100, 100 + args.seeds))}, {args.jobs} runs at once, 1 torch thread each")
     seeds = list(range(100, 100 + args.seeds))
     context = multiprocessing.get_context("spawn")
+    cache = RunCache(args.cache or None)
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
         for workload in args.workloads:
             began = time.perf_counter()
-            print("\n".join(measure(workload, seeds, args.tuning_seeds, pool, args.data_dir, _rules(args.ratios))),
-                  flush=True)
+            print("\n".join(measure(workload, seeds, args.tuning_seeds, pool, args.data_dir, _rules(args.ratios),
+                                     args.trials, args.jobs, cache)), flush=True)
             print(f"\n({workload}: {time.perf_counter() - began:.0f} s)", flush=True)
 
 
