@@ -3,11 +3,14 @@
 For each workload, FUSE-PV with that workload's settings from its fair comparison (``results/<name>/results.md``:
 lr, history size, line search; everything but the switch) is trained with each switch rule:
 
-- ``tuned``: the best ``switch.epoch`` found by searching every epoch 1 .. epochs - 1 on the tuning seeds (an
-  exhaustive search: no study over that one-dimensional space can find a better one), selected on the
-  validation metric (the final training loss on a test function); its cost is that many runs per tuning seed;
+- ``tuned``: the best ``switch.step`` a 30-trial Optuna TPE study finds on the tuning seeds (seeds 0 and 1; seed 0
+  for the PINN problems, as in their comparisons), selected on the validation metric (the final training loss on a
+  test function); its cost is trials x tuning seeds runs;
+- ``auto``: ``{"criterion": "auto"}``, the first of ``probe`` and ``plateau`` at their defaults;
 - ``plateau``: ``{"criterion": "plateau"}`` with its default ratio 0.1 (:class:`fuse_optim.switch.PlateauCriterion`,
   no threshold in the loss's units);
+- ``probe``: ``{"criterion": "probe"}``, ratio 1 (:class:`fuse_optim.switch.ProbeCriterion`: a 5-step trial of the
+  L-BFGS phase, kept when it gains more loss per evaluation than Adam's pace);
 - ``absolute_rules``: opifex's absolute thresholds with their published defaults
   (:class:`fuse_optim.switch.AbsoluteRulesCriterion`);
 - ``never``: Adam throughout; ``middle``: the epoch criterion at ``epochs // 2``;
@@ -17,8 +20,10 @@ order for every rule of a seed), where the test metric is reported (the final lo
 table gives per rule the mean and median final metric over the seeds, the paired difference against ``tuned``
 (mean, std, t), the share of the gap between ``never`` and ``tuned`` that the rule closes (mean over seeds), the
 gradient evaluations and the switch epochs.
+Finished runs are kept in ``--cache`` (a JSON line each) and reused: an interrupted run resumes, and a rule added
+later trains only its own runs (delete a rule's lines after changing its code).
 Run: ``OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.bench_auto_switch [--workloads digits-logreg ...]
-[--seeds 5] [--jobs 2] [--data-dir DIR]``
+[--seeds 5] [--jobs 2] [--data-dir DIR] [--extra-rules plateau@0.3 ...]``
 """
 
 from __future__ import annotations
@@ -79,21 +84,28 @@ SETUPS = {
     "rastrigin": Setup(10, {"lr": 0.01, "history_size": 10, "line_search": "strong_wolfe"}, "loss",
                        {"steps_per_epoch": 50}),
 }
-RULES = ("tuned", "plateau", "absolute_rules", "never", "middle")
+RULES = ("tuned", "auto", "plateau", "probe", "absolute_rules", "never", "middle")
 
 
-def _rules(ratios: list[float]) -> tuple[str, ...]:
-    """``plateau`` at its default ratio, plus ``plateau@r`` for each other ratio asked for."""
-    extra = tuple(f"plateau@{r:g}" for r in ratios if r != 0.1)
-    return RULES[:2] + extra + RULES[2:]
+def _rules(extra: list[str]) -> tuple[str, ...]:
+    """The default rules, with ``extra`` ones (``plateau@0.3``, ``probe@2``, ``probe|plateau``) after the automatic
+    ones."""
+    return RULES[:4] + tuple(rule for rule in extra if rule not in RULES) + RULES[4:]
 
 
 def _switch(rule: str, epochs: int) -> dict[str, Any]:
-    """The switch dict of an automatic or reference rule (``tuned`` is the study's and is not built here)."""
-    if rule.startswith("plateau@"):
-        return {"criterion": "plateau", "ratio": float(rule.split("@")[1])}
-    return {"plateau": {"criterion": "plateau"}, "absolute_rules": {"criterion": "absolute_rules"},
-            "never": {"criterion": "never"}, "middle": {"criterion": "epoch", "epoch": epochs // 2}}[rule]
+    """The switch dict of an automatic or reference rule (``tuned`` is the study's and is not built here):
+    ``name@r`` sets the criterion's ratio, ``a|b`` switches at the first of two."""
+    if "|" in rule:
+        return {"criterion": "any", "of": [_switch(part, epochs) for part in rule.split("|")]}
+    if "@" in rule:
+        name, ratio = rule.split("@")
+        return {"criterion": name, "ratio": float(ratio)}
+    return {
+        "auto": {"criterion": "auto"}, "plateau": {"criterion": "plateau"}, "probe": {"criterion": "probe"},
+        "absolute_rules": {"criterion": "absolute_rules"}, "never": {"criterion": "never"},
+        "middle": {"criterion": "epoch", "epoch": epochs // 2},
+    }[rule]
 
 
 def _config(workload: str, switch: dict[str, Any], seed: int, evaluate_test: bool, data_dir: str | None):
@@ -247,8 +259,8 @@ def main() -> None:
     parser.add_argument("--tuning-seeds", type=int, nargs="*", default=[0, 1])
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--data-dir", help="folder with USPS/ and MNIST/raw/ (the mnist and usps workloads)")
-    parser.add_argument("--ratios", type=float, nargs="*", default=[0.1],
-                        help="plateau ratios to measure (0.1, the default, always)")
+    parser.add_argument("--extra-rules", nargs="*", default=[],
+                        help="more rules: plateau@0.3 (another ratio), probe|plateau (the first of both)")
     parser.add_argument("--trials", type=int, default=30, help="trials of the study that searches the switch")
     parser.add_argument("--cache", default=".bench_auto_switch.jsonl",
                         help="finished runs, reused when the benchmark is run again ('' keeps none)")
@@ -264,7 +276,7 @@ def main() -> None:
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
         for workload in args.workloads:
             began = time.perf_counter()
-            print("\n".join(measure(workload, seeds, args.tuning_seeds, pool, args.data_dir, _rules(args.ratios),
+            print("\n".join(measure(workload, seeds, args.tuning_seeds, pool, args.data_dir, _rules(args.extra_rules),
                                      args.trials, args.jobs, cache)), flush=True)
             print(f"\n({workload}: {time.perf_counter() - began:.0f} s)", flush=True)
 

@@ -57,7 +57,7 @@ from torch.optim.adam import adam as adam_kernel
 from .lbfgs import LBFGSMemory
 from .line_search import LineSearchResult, make_line_search
 from .schedules import ThetaSchedule, make_schedule
-from .switch import Never, SwitchCriterion, SwitchedOptimizer, SwitchState
+from .switch import Never, ProbeCriterion, SwitchCriterion, SwitchedOptimizer, SwitchState, probe_criterion
 
 __all__ = ["FusePV", "Fuse", "StepInfo", "ADAM", "LBFGS", "RECOVERY_NON_FINITE", "RECOVERY_NOT_DESCENT", "CONVERGED",
            "NOTHING_TO_MOVE"]
@@ -905,6 +905,27 @@ def _adam_eq2c(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
         param.addcdiv_(exp_avg, exp_avg_sq.add(eps).sqrt_(), value=-step_size)
 
 
+@dataclass
+class _Probe:
+    """A trial of the L-BFGS phase in progress (see :class:`fuse_optim.switch.ProbeCriterion`): its start ``x0``,
+    Adam's pace ``rate`` it must beat, the steps and L-BFGS evaluations so far, ``f_0(x_0)`` (reused on a
+    deterministic closure), and the running sums ``sum_j g_j`` and ``sum_j E_j``."""
+
+    x0: torch.Tensor
+    rate: float
+    #: completed steps and epochs when it began: a kept probe's steps are the L-BFGS phase's first
+    start_step: int = 0
+    start_epoch: int = 0
+    steps: int = 0
+    evaluations: int = 0
+    reference: float | None = None
+    gain: float = 0.0
+    weighted_evaluations: float = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "x0": self.x0.clone()}
+
+
 class FusePV(SwitchedOptimizer, _AdamLBFGSBase):
     r"""FUSE-PV (paper Algorithm 4): Adam until a switch criterion fires, then L-BFGS.
 
@@ -996,6 +1017,9 @@ class FusePV(SwitchedOptimizer, _AdamLBFGSBase):
             else {"criterion": "loss_change", "sigma": 1e-3, "relative": True, "window": 50}
         )
         self.criterion = self._switch.criterion
+        #: the criterion's probe part, when it decides on trials of the L-BFGS phase; the trial in progress
+        self._prober: ProbeCriterion | None = probe_criterion(self.criterion)
+        self._probe: _Probe | None = None
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             eps_inside_sqrt=eps_inside_sqrt, foreach=foreach, fused=fused, maximize=maximize, capturable=capturable,
@@ -1057,16 +1081,87 @@ class FusePV(SwitchedOptimizer, _AdamLBFGSBase):
             raise RuntimeError(
                 f"FusePV.step() needs a closure that returns the loss: the {self.criterion.name!r} switch criterion "
                 "reads it (or choose a criterion that does not, e.g. switch={'criterion': 'epoch', 'epoch': 5})")
-        if self.phase == ADAM:
+        if self.phase == ADAM and self._probe is None and self._prober is not None and self._prober.wants_probe:
+            self._start_probe()
+        if self._probe is not None:
+            loss = self._probe_step(closure)
+        elif self.phase == ADAM:
             loss = self._adam_step(closure)
         else:
             loss = self._lbfgs_step(closure)
         self._step_count += 1
         return loss
 
+    @property
+    def probing(self) -> bool:
+        """Whether a trial of the L-BFGS phase (the ``probe`` criterion) is in progress."""
+        return self._probe is not None
+
+    def _start_probe(self) -> None:
+        assert self._prober is not None
+        _check_one_vector(self._all_params())
+        self._probe = _Probe(self._flat_params().clone(), self._prober.take_rate(), self._step_count,
+                             self._epoch_count)
+        self._forget_lbfgs()
+
+    def _forget_lbfgs(self) -> None:
+        """A fresh L-BFGS phase: no pairs, no reference gradient, no remembered evaluation."""
+        self._memory, self._adam_scale, self._last_good, self._accepted = None, None, None, None
+        self._grad_reference = None
+
+    def _probe_step(self, closure: Closure) -> Any:
+        """One step of the probe: measure ``g_j = f_j(x_0) - f_j(x_j)`` (from the second step on), take one L-BFGS
+        iteration on this closure, and after ``probe_steps`` of them keep the probe (the switch) or return to
+        ``x_0`` (Adam continues, its state untouched)."""
+        probe, prober = self._probe, self._prober
+        assert probe is not None and prober is not None
+        reference = probe.reference
+        if probe.steps > 0 and not self.deterministic_closure:
+            reference = self._value_at(probe.x0, closure)
+        calls = self.closure_calls
+        loss = self._lbfgs_step(closure)
+        value = float(self.last_step_info.loss) if self.last_step_info is not None else math.nan
+        if probe.steps == 0:
+            probe.reference = value
+        elif reference is not None:
+            probe.gain += reference - value
+            probe.weighted_evaluations += probe.evaluations
+        probe.evaluations += self.closure_calls - calls
+        probe.steps += 1
+        if probe.steps >= prober.probe_steps:
+            self._probe = None
+            # the whole criterion decides ('all' may still wait for its other parts); a kept probe switched
+            # where it began
+            if (prober.judge(probe.gain, probe.weighted_evaluations, probe.rate)
+                    and self._switch.check(probe.start_step, probe.start_epoch)):
+                self.switch_to_lbfgs(self._switch.reason)
+            if self.phase == ADAM:
+                self._set_params(probe.x0)
+                self._forget_lbfgs()
+        return loss
+
+    def _value_at(self, x: torch.Tensor, closure: Closure) -> float:
+        """The objective ``f(x)`` of :meth:`_evaluate` on this closure, the parameters put back where they were
+        (one evaluation; the gradients it leaves are overwritten by the next evaluation)."""
+        here = self._flat_params().clone()
+        self._set_params(x)
+        with torch.enable_grad():
+            loss = closure()
+        self.closure_calls += 1
+        value = float(self._loss_tensor(loss)) + self._weight_decay_penalty()
+        self._set_params(here)
+        return value
+
+    def _weight_decay_penalty(self) -> float:
+        """``sum_g wd_g / 2 ||x_g||^2`` at the current parameters (the term :meth:`_evaluate` adds to f)."""
+        return sum(0.5 * group["weight_decay"] * float(p.detach().square().sum())
+                   for group in self.param_groups if group["weight_decay"] for p in group["params"]
+                   if p.requires_grad)
+
     def _global_state(self) -> dict[str, Any]:
         state = super()._global_state()
-        state.update(self._switch.state_dict(), criterion_config=self.criterion.config())
+        state.update(self._switch.state_dict(), criterion_config=self.criterion.config(),
+                     probe=None if self._probe is None else self._probe.state_dict())
         return state
 
     def _check_global_state(self, state: Mapping[str, Any]) -> None:
@@ -1080,6 +1175,10 @@ class FusePV(SwitchedOptimizer, _AdamLBFGSBase):
     def _load_global_state(self, state: Mapping[str, Any]) -> None:
         super()._load_global_state(state)
         self._switch.load_state_dict(state)
+        probe = state.get("probe")
+        params = self._all_params()
+        self._probe = None if probe is None else _Probe(
+            **{**probe, "x0": probe["x0"].to(device=params[0].device, dtype=params[0].dtype).clone()})
 
 
 class Fuse(_AdamLBFGSBase):

@@ -23,6 +23,8 @@ Criteria can be built from the plain dicts that study files use::
     {"criterion": "grad_norm", "zeta": 1e-3}   # Eq. 3 over the last epoch (or "window": W steps)
     {"criterion": "loss_change", "sigma": 1e-4}  # Eq. 4 on epoch-mean loss (or "window": W steps)
     {"criterion": "plateau"}                   # progress <= 0.1 x Adam's best progress (no threshold to scale)
+    {"criterion": "auto"}                      # the first of probe and plateau, at their defaults
+    {"criterion": "probe"}                     # switch when a short L-BFGS trial beats Adam's pace (ratio 1)
     {"criterion": "absolute_rules"}            # opifex's absolute thresholds after 1,000 steps (a baseline)
     {"criterion": "any", "of": [..., ...]}     # first of several
     {"criterion": "all", "of": [..., ...]}     # all of several
@@ -44,11 +46,14 @@ __all__ = [
     "GradNormCriterion",
     "LossChangeCriterion",
     "PlateauCriterion",
+    "ProbeCriterion",
     "AbsoluteRulesCriterion",
     "AnyOf",
     "AllOf",
     "Never",
     "make_criterion",
+    "AUTO",
+    "probe_criterion",
     "CRITERIA",
     "SwitchState",
     "SwitchedOptimizer",
@@ -63,6 +68,9 @@ class SwitchCriterion:
     needs_grad_norm = False
     #: whether the criterion reads the closure's loss
     needs_loss = False
+    #: whether the criterion decides on a trial of the L-BFGS phase that the optimizer runs for it
+    #: (:class:`ProbeCriterion`; only :class:`fuse_optim.FusePV` runs one)
+    needs_probe = False
 
     def observe_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
         """Record one Adam step's loss and squared gradient norm (device tensors, no sync)."""
@@ -213,6 +221,8 @@ class _WindowedCriterion(SwitchCriterion):
             self._decide_on_mean()
 
     def _decide_on_mean(self) -> None:
+        #: the steps the mean about to be decided on runs over
+        self.period_steps = self._acc.count
         mean = self._acc.pop_mean()
         if mean is not None:
             self._decide(mean)
@@ -314,8 +324,10 @@ class LossChangeCriterion(_WindowedCriterion):
 class PlateauCriterion(_WindowedCriterion):
     """Switch once Adam's progress has flattened relative to its own best: no scale-dependent threshold.
 
-    With ``f_e`` the mean closure loss over epoch ``e`` (or over each ``window`` of steps), the progress of a
-    period is ``delta_e = f_{e-1} - f_e`` and the best progress so far ``delta*_e = max_{j <= e} delta_j``.
+    With ``f_e`` the mean closure loss over the ``n_e`` Adam steps of epoch ``e`` (or of each ``window`` of steps),
+    the progress of a period is ``delta_e = (f_{e-1} - f_e) / ((n_{e-1} + n_e) / 2)``, per Adam step between the
+    two means (so steps that were not Adam's, e.g. a ``probe``'s, do not read as lost progress), and the best
+    progress so far ``delta*_e = max_{j <= e} delta_j``.
     The criterion fires at the end of the first period ``e >= min_periods`` with
 
         ``delta_e <= ratio * delta*_e``    (and ``delta*_e > 0``),
@@ -343,6 +355,7 @@ class PlateauCriterion(_WindowedCriterion):
         self.min_periods = min_periods
         self._init_window(window)
         self.previous: float | None = None
+        self.previous_steps = 0
         self.best_progress = 0.0
         self.periods = 0
         self.statistic: float | None = None
@@ -352,13 +365,13 @@ class PlateauCriterion(_WindowedCriterion):
             return  # after firing the statistic stays the value it fired on
         if self.previous is not None:
             self.periods += 1
-            progress = self.previous - current
+            progress = (self.previous - current) / (0.5 * (self.previous_steps + self.period_steps))
             self.best_progress = max(self.best_progress, progress)
             if self.best_progress > 0:
                 self.statistic = progress / self.best_progress
                 if self.periods >= self.min_periods and self.statistic <= self.ratio:
                     self.fired = True
-        self.previous = current
+        self.previous, self.previous_steps = current, self.period_steps
 
     @property
     def reason(self) -> str:
@@ -369,13 +382,180 @@ class PlateauCriterion(_WindowedCriterion):
         return {"criterion": "plateau", "ratio": self.ratio, "window": self.window, "min_periods": self.min_periods}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"acc": self._acc.state_dict(), "previous": self.previous, "best_progress": self.best_progress,
+        return {"acc": self._acc.state_dict(), "previous": self.previous, "previous_steps": self.previous_steps,
+                "best_progress": self.best_progress,
                 "periods": self.periods, "statistic": self.statistic, "fired": self.fired}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._acc.load_state_dict(state["acc"])
         self.previous, self.best_progress = state["previous"], float(state["best_progress"])
+        self.previous_steps = int(state.get("previous_steps", 1))
         self.periods, self.statistic, self.fired = int(state["periods"]), state["statistic"], bool(state["fired"])
+
+
+#: Adam's pace is taken this many standard errors above its least-squares estimate: a probe must beat what Adam
+#: plausibly does, not a noisy slope that happened to come out flat
+ADAM_PACE_ERRORS = 2.0
+
+
+class _TrendAccumulator:
+    """Device-side sums for the least-squares line through a scalar stream against its step index within a period
+    (``sum f``, ``sum t f``, ``sum f^2``; ``t = 0 .. n-1`` is known on the host), read back once per period."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sum_f: torch.Tensor | float = 0.0
+        self.sum_tf: torch.Tensor | float = 0.0
+        self.sum_ff: torch.Tensor | float = 0.0
+
+    def add(self, value: torch.Tensor) -> None:
+        value = value.detach().to(torch.float64)
+        self.sum_f = self.sum_f + value
+        self.sum_tf = self.sum_tf + self.count * value
+        self.sum_ff = self.sum_ff + value * value
+        self.count += 1
+
+    def pop_slope(self) -> tuple[float, float] | None:
+        """The slope ``b = S_tf / S_tt`` and its standard error ``sqrt(SSR / (n - 2) / S_tt)``, with
+        ``S_tf = sum t f - sum t sum f / n``, ``S_tt = sum t^2 - (sum t)^2 / n`` and the residual sum of squares
+        ``SSR = S_ff - b S_tf``; None below 3 points. The sums are reset."""
+        n, sum_f, sum_tf, sum_ff = self.count, float(self.sum_f), float(self.sum_tf), float(self.sum_ff)
+        self.count, self.sum_f, self.sum_tf, self.sum_ff = 0, 0.0, 0.0, 0.0
+        if n < 3:
+            return None
+        sum_t, sum_tt = n * (n - 1) / 2, (n - 1) * n * (2 * n - 1) / 6
+        s_tt, s_tf, s_ff = sum_tt - sum_t**2 / n, sum_tf - sum_t * sum_f / n, sum_ff - sum_f**2 / n
+        slope = s_tf / s_tt
+        residual = max(s_ff - slope * s_tf, 0.0)
+        return slope, math.sqrt(residual / (n - 2) / s_tt)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "sum_f": float(self.sum_f), "sum_tf": float(self.sum_tf),
+                "sum_ff": float(self.sum_ff)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.count, self.sum_f, self.sum_tf = int(state["count"]), float(state["sum_f"]), float(state["sum_tf"])
+        self.sum_ff = float(state["sum_ff"])
+
+
+class ProbeCriterion(SwitchCriterion):
+    """Switch when a short trial of the L-BFGS phase gains more loss per gradient evaluation than Adam does.
+
+    At the end of epoch (or ``window`` of Adam steps) ``min_periods`` (default 1), Adam's pace is measured from the
+    least-squares line through that period's closure losses against the step: ``r = -b + 2 se(b)``, the loss Adam
+    removes per step (one gradient evaluation), taken two standard errors above the fitted slope ``b`` so that a
+    minibatch slope that came out flat by chance does not hand the switch to L-BFGS. Then :class:`fuse_optim.FusePV`
+    runs a probe: from the current point ``x_0`` it takes ``probe_steps`` = ``k`` steps of its L-BFGS phase (fresh
+    memory, its line search, each on the step's own closure, as after a real switch) and measures, at each iterate
+    ``x_j`` (``j = 1..k-1``), the gain ``g_j = f_j(x_0) - f_j(x_j)`` on that step's closure ``f_j`` before it steps
+    on it (a held-out minibatch: ``x_j`` was computed without it; on a full batch ``f_j = f``). With ``E_j`` the
+    probe's gradient evaluations spent to reach ``x_j``, Adam's pace would have gained ``r E_j`` in their place, so
+    the statistic
+
+        ``rho = sum_j g_j / (r sum_j E_j)``
+
+    is the probe's gain per evaluation over Adam's (dimensionless, invariant to ``f -> a f + b``, ``a > 0``).
+    With ``rho >= ratio`` (default 1: L-BFGS is at least as fast as Adam right now) the probe is kept as the
+    first ``k`` steps of the L-BFGS phase. Otherwise the optimizer returns to ``x_0`` with Adam's state as it
+    was, and the probe's evaluations are the price of asking; the next probe comes at the end of period ``2 p``
+    (``p``: the period of the lost probe), so a run in which Adam stays ahead probes at periods 1, 2, 4, 8, ...
+    With ``r <= 0`` any gain gives ``rho = +inf`` (none gives ``-inf``). :attr:`statistic` is the last probe's
+    ``rho`` (``None`` before one): trainers log it each epoch; :attr:`probes` counts the probes run.
+
+    This is the issue's "short trial of the L-BFGS direction measured on a held-out minibatch before committing":
+    it asks whether L-BFGS pays *now*, from what this run measures, where Eq. 3 and Eq. 4 compare the run with
+    thresholds in the loss's units.
+    """
+
+    name = "probe"
+    needs_loss = True
+    needs_probe = True
+
+    def __init__(self, ratio: float = 1.0, probe_steps: int = 5, window: int | None = None,
+                 min_periods: int = 1) -> None:
+        self.ratio = _check_positive_float(ratio, "ratio")
+        if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or probe_steps < 2:
+            raise ValueError(f"probe_steps must be an integer >= 2, got {probe_steps!r}")
+        if isinstance(min_periods, bool) or not isinstance(min_periods, int) or min_periods < 1:
+            raise ValueError(f"min_periods must be an integer >= 1, got {min_periods!r}")
+        self.probe_steps, self.min_periods = probe_steps, min_periods
+        self.window = _check_window(window, "window")
+        self._trend = _TrendAccumulator()
+        self.periods = 0
+        #: Adam's loss decrease per step over the last period, when a probe is wanted (else None)
+        self.pending_rate: float | None = None
+        #: the period at whose end the next probe is asked for (doubles after each probe lost)
+        self.next_probe = min_periods
+        self.statistic: float | None = None
+        self.probes = 0
+        self.fired = False
+
+    def observe_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
+        if loss is None:
+            raise RuntimeError("ProbeCriterion needs the closure's loss on every step")
+        self._trend.add(loss)
+        if self.window is not None and self._trend.count >= self.window:
+            self._end_period()
+
+    def end_epoch(self) -> None:
+        if self.window is None:
+            self._end_period()
+
+    def _end_period(self) -> None:
+        trend = self._trend.pop_slope()
+        if trend is None or self.fired or not all(map(math.isfinite, trend)):
+            return
+        self.periods += 1
+        slope, error = trend
+        if self.periods >= self.next_probe:
+            self.pending_rate = -slope + ADAM_PACE_ERRORS * error
+
+    @property
+    def wants_probe(self) -> bool:
+        """Whether the optimizer should start a probe before its next step."""
+        return self.pending_rate is not None and not self.fired
+
+    def take_rate(self) -> float:
+        """Adam's pace for the probe about to start (the request is consumed)."""
+        rate, self.pending_rate = self.pending_rate, None
+        if rate is None:
+            raise RuntimeError("ProbeCriterion.take_rate() called with no probe wanted")
+        return rate
+
+    def judge(self, gain: float, weighted_evaluations: float, rate: float) -> bool:
+        """Record ``rho = gain / (rate * weighted_evaluations)`` of a finished probe; True (and fired) when
+        ``rho >= ratio``."""
+        self.probes += 1
+        if rate > 0 and weighted_evaluations > 0:
+            rho = gain / (rate * weighted_evaluations)
+        else:
+            rho = math.inf if gain > 0 else -math.inf
+        self.statistic = -math.inf if math.isnan(rho) else rho  # a probe that ended at a non-finite loss
+        self.fired = self.statistic >= self.ratio
+        self.next_probe = 2 * self.periods  # after a lost probe, ask again after as many periods again
+        return self.fired
+
+    def ready(self, step: int, epoch: int) -> bool:
+        return self.fired
+
+    @property
+    def reason(self) -> str:
+        shown = "nan" if self.statistic is None else f"{self.statistic:.3g}"
+        return f"probe(L-BFGS gain per evaluation / Adam's = {shown} >= ratio={self.ratio:g}, probe {self.probes})"
+
+    def config(self) -> dict[str, Any]:
+        return {"criterion": "probe", "ratio": self.ratio, "probe_steps": self.probe_steps, "window": self.window,
+                "min_periods": self.min_periods}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"trend": self._trend.state_dict(), "periods": self.periods, "pending_rate": self.pending_rate,
+                "next_probe": self.next_probe, "statistic": self.statistic, "probes": self.probes, "fired": self.fired}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._trend.load_state_dict(state["trend"])
+        self.periods, self.pending_rate = int(state["periods"]), state["pending_rate"]
+        self.next_probe = int(state["next_probe"])
+        self.statistic, self.probes, self.fired = state["statistic"], int(state["probes"]), bool(state["fired"])
 
 
 class AbsoluteRulesCriterion(SwitchCriterion):
@@ -479,6 +659,10 @@ class _Combination(SwitchCriterion):
         self.criteria = [make_criterion(c) for c in criteria]
         self.needs_grad_norm = any(c.needs_grad_norm for c in self.criteria)
         self.needs_loss = any(c.needs_loss for c in self.criteria)
+        probes = [c for c in self.criteria if c.needs_probe]
+        if len(probes) > 1 or any(isinstance(c, _Combination) for c in probes):
+            raise ValueError(f"'of': at most one 'probe' criterion, not inside a nested 'any'/'all'; got {criteria!r}")
+        self.needs_probe = bool(probes)
 
     def observe_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
         for criterion in self.criteria:
@@ -533,6 +717,7 @@ CRITERIA: dict[str, type[SwitchCriterion]] = {
     "grad_norm": GradNormCriterion,
     "loss_change": LossChangeCriterion,
     "plateau": PlateauCriterion,
+    "probe": ProbeCriterion,
     "absolute_rules": AbsoluteRulesCriterion,
     "any": AnyOf,
     "all": AllOf,
@@ -547,12 +732,19 @@ _ACCEPTED_KEYS: dict[str, set[str]] = {
     "grad_norm": {"zeta", "window"},
     "loss_change": {"sigma", "window", "relative"},
     "plateau": {"ratio", "window", "min_periods"},
+    "probe": {"ratio", "probe_steps", "window", "min_periods"},
     "absolute_rules": {"min_steps", "window", "loss_variance", "grad_norm", "improvement"},
     "never": set(),
 }
 #: the key only one criterion takes -> that criterion: ``{"epoch": 5}`` means ``{"criterion": "epoch", "epoch": 5}``
 _OWN_KEY = {key: kind for kind, keys in _ACCEPTED_KEYS.items() for key in keys
             if sum(key in other for other in _ACCEPTED_KEYS.values()) == 1}
+
+
+#: the automatic switch, ``{"criterion": "auto"}``: the first of a won L-BFGS probe (Adam is slower than L-BFGS
+#: now) and Adam's plateau (Adam's fast phase is over), each at its default; measured against the searched switch
+#: in RESULTS.md ("Automatic switch rules")
+AUTO: dict[str, Any] = {"criterion": "any", "of": [{"criterion": "probe"}, {"criterion": "plateau"}]}
 
 
 def _implied_criterion(options: Mapping[str, Any]) -> str | None:
@@ -579,8 +771,12 @@ def make_criterion(spec: SwitchCriterion | Mapping[str, Any] | str) -> SwitchCri
     kind = options.pop("criterion", None)
     if kind is None:
         kind = _implied_criterion(options)
+    if kind == "auto":
+        if options:
+            raise ValueError(f"switch criterion 'auto' takes no keys (it is {AUTO!r}), got {sorted(options)}")
+        return make_criterion(AUTO)
     if kind not in CRITERIA:
-        raise ValueError(f"switch criterion must be one of {sorted(CRITERIA)}, got {kind!r} (name it with "
+        raise ValueError(f"switch criterion must be one of {sorted([*CRITERIA, 'auto'])}, got {kind!r} (name it with "
                          f"'criterion', or give the one key only a single criterion takes: {sorted(_OWN_KEY)})")
     cls = CRITERIA[kind]
     if cls in (AnyOf, AllOf):
@@ -599,6 +795,15 @@ def make_criterion(spec: SwitchCriterion | Mapping[str, Any] | str) -> SwitchCri
     if missing:
         raise ValueError(f"switch criterion {kind!r} needs key(s) {sorted(missing)}")
     return cls(**options)
+
+
+def probe_criterion(criterion: SwitchCriterion) -> ProbeCriterion | None:
+    """The :class:`ProbeCriterion` that decides for ``criterion``: itself, or one of its ``any``/``all`` parts."""
+    if isinstance(criterion, ProbeCriterion):
+        return criterion
+    if isinstance(criterion, _Combination):
+        return next((c for c in criterion.criteria if isinstance(c, ProbeCriterion)), None)
+    return None
 
 
 class SwitchState:

@@ -41,6 +41,9 @@ class _AdamThen(SwitchedOptimizer, torch.optim.Optimizer):
         self.adam, self.second = adam, second
         self._switch = SwitchState(switch)
         self.criterion = self._switch.criterion
+        if self.criterion.needs_probe:
+            raise ValueError(f"switch: the 'probe' criterion trials FusePV's own L-BFGS phase; {type(self).__name__} "
+                             "takes epoch, step, grad_norm, loss_change, plateau, absolute_rules or never")
         super().__init__(params, {"lr": lr})
         self._steps = 0
         self._epochs = 0

@@ -64,7 +64,7 @@ def test_the_statistic_is_invariant_to_the_losss_scale_and_offset() -> None:
 
 
 def test_window_mode_decides_every_window_steps_and_reason_reports_the_statistic() -> None:
-    criterion = make_criterion({"ratio": 0.2, "window": 2})  # the key names the criterion
+    criterion = make_criterion({"criterion": "plateau", "ratio": 0.2, "window": 2})
     assert isinstance(criterion, PlateauCriterion)
     losses = [1.0, 1.0, 0.5, 0.5, 0.45, 0.45, 0.44, 0.44]  # window means 1.0, 0.5, 0.45, 0.44
     decided = []
