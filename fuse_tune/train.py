@@ -338,9 +338,7 @@ class Trainer:
         else:
             train_loss, val_loss, test_loss, scores = self._evaluate()
             gap = None
-        statistic = _switch_statistic(self.optimizer)
-        if statistic is not None:
-            scores[SWITCH_STATISTIC] = statistic
+        scores.update(_switch_statistics(self.optimizer))
         metrics = EpochMetrics(
             epoch=self.epoch, train_loss=train_loss, batch_loss=float(torch.stack(losses).mean()),
             val_loss=val_loss, test_loss=test_loss, grad_sq_norm=float(torch.stack(grad_sq).mean()),
@@ -557,13 +555,18 @@ def _deterministic_objective(config: TrainConfig) -> bool:
 
 
 #: the per-epoch score holding a switch criterion's own statistic, for criteria that have one (``plateau``: its
-#: progress ratio), so that when and on what value it decided is in the records
+#: progress ratio; ``probe``: its last gain ratio), so that when and on what value it decided is in the records;
+#: the parts of an ``any``/``all`` criterion (``auto``) have one each, ``switch_statistic.<part>``
 SWITCH_STATISTIC = "switch_statistic"
 
 
-def _switch_statistic(optimizer: Any) -> float | None:
-    value = getattr(getattr(optimizer, "criterion", None), "statistic", None)
-    return float(value) if value is not None and math.isfinite(value) else None
+def _switch_statistics(optimizer: Any) -> dict[str, float]:
+    criterion = getattr(optimizer, "criterion", None)
+    parts = getattr(criterion, "criteria", None)
+    named = ([(f"{SWITCH_STATISTIC}.{part.name}", part) for part in parts] if parts is not None
+             else [(SWITCH_STATISTIC, criterion)])
+    values = {key: getattr(part, "statistic", None) for key, part in named}
+    return {key: float(value) for key, value in values.items() if value is not None and math.isfinite(value)}
 
 
 def _switch_info(optimizer: Any) -> tuple[int | None, int | None, str | None]:

@@ -260,3 +260,15 @@ def test_metric_targets_record_the_first_epoch_each_target_was_reached():
     assert result.targets == ["val_accuracy>=0.5", "val_accuracy>=0.99999", "train_loss<=1"]
     with pytest.raises(ValueError, match="metric_targets.val_accuracy must be a finite number"):
         digits("adam", metric_targets={"val_accuracy": "high"}).validate()
+
+
+def test_the_auto_switch_logs_each_parts_statistic_and_counts_its_probes_evaluations():
+    """switch.criterion auto on logistic regression at a small Adam lr (where Adam's progress never plateaus): a probe
+    of the L-BFGS phase wins, its gain ratio (>= 1) is the score ``switch_statistic.probe`` of the epoch it won in,
+    and the probes' evaluations are in ``grad_evals`` (more than one per step)."""
+    result = train(digits("fuse_pv", epochs=4, optimizer_args={"lr": 3e-4, "switch": {"criterion": "auto"}}))
+    switched = result.final.switch_epoch
+    assert switched is not None and result.final.switch_reason.startswith("any[probe(")
+    won = result.history[switched]  # the probe began after epoch `switched` and was kept during the next one
+    assert won.scores["switch_statistic.probe"] >= 1.0
+    assert result.final.grad_evals > result.final.steps
