@@ -184,6 +184,8 @@ class Study:
     trials: int
     runs: int
     values: list[tuple[int, float]]
+    #: gradient evaluations of all the study's runs
+    evaluations: int = 0
 
 
 def tune_switch(workload: str, tuning_seeds: list[int], trials: int, jobs: int, cache: RunCache,
@@ -201,6 +203,7 @@ def tune_switch(workload: str, tuning_seeds: list[int], trials: int, jobs: int, 
     study = optuna.create_study(direction="maximize" if sign > 0 else "minimize",
                                 sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=10))
     values: list[tuple[int, float]] = []
+    evaluations = 0
     while len(values) < trials:
         asked = [study.ask() for _ in range(min(jobs, trials - len(values)))]
         steps = [trial.suggest_int("step", 1, total - 1) for trial in asked]
@@ -208,10 +211,11 @@ def tune_switch(workload: str, tuning_seeds: list[int], trials: int, jobs: int, 
                     for s in tuning_seeds] for step in steps]
         for trial, step, runs in zip(asked, steps, futures, strict=True):
             value = statistics.fmean(f.result()["value"] for f in runs)
+            evaluations += sum(f.result()["grad_evals"] for f in runs)
             study.tell(trial, value)
             values.append((step, value))
     best = study.best_trial
-    return Study(best.params["step"], best.value, trials, trials * len(tuning_seeds), values)
+    return Study(best.params["step"], best.value, trials, trials * len(tuning_seeds), values, evaluations)
 
 
 def measure(workload: str, seeds: list[int], tuning_seeds: list[int], pool: concurrent.futures.Executor,
@@ -232,7 +236,8 @@ def measure(workload: str, seeds: list[int], tuning_seeds: list[int], pool: conc
     tried = ", ".join(f"{step}: {value:.4g}" for step, value in sorted(study.values))
     lines = [f"\n### {workload}: {setup.epochs} epochs of {steps_per_epoch} steps; tuned switch = step "
              f"{study.best_step} (epoch {study.best_step / steps_per_epoch:.2f}), from a {study.trials}-trial TPE "
-             f"study of switch.step on tuning seeds {tuning_seeds} ({study.runs} runs)\n",
+             f"study of switch.step on tuning seeds {tuning_seeds} ({study.runs} runs, {study.evaluations:,} "
+             f"gradient evaluations)\n",
              f"| rule | runs to find the switch | {label} mean | median | minus tuned: mean (std, t) | gap closed "
              f"| gradient evaluations | switch epochs |", "|---|---|---|---|---|---|---|---|"]
     gap = statistics.fmean(values["tuned"]) - statistics.fmean(values["never"])
