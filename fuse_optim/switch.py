@@ -438,6 +438,17 @@ class _TrendAccumulator:
         self.sum_ff = float(state["sum_ff"])
 
 
+def _next_probe(period: int, rho: float, ratio: float) -> int | float:
+    """The period after which to probe again, after a probe lost at the end of ``period`` with ``rho < ratio``:
+    ``ceil(period * ratio / rho)``, at least ``period + 1``; never again (``inf``) when the probe gained nothing
+    (``rho <= 0``). Adam was ``ratio / rho`` times too fast for L-BFGS; if its pace falls like ``1 / t`` (as the
+    loss decrease of first-order methods typically does), it has slowed by that factor after ``ratio / rho`` times
+    the periods run so far, and not before."""
+    if not rho > 0:
+        return math.inf
+    return max(period + 1, math.ceil(period * ratio / rho))
+
+
 class ProbeCriterion(SwitchCriterion):
     """Switch when a short trial of the L-BFGS phase gains more loss per gradient evaluation than Adam does.
 
@@ -457,9 +468,11 @@ class ProbeCriterion(SwitchCriterion):
     is the probe's gain per evaluation over Adam's (dimensionless, invariant to ``f -> a f + b``, ``a > 0``).
     With ``rho >= ratio`` (default 1: L-BFGS is at least as fast as Adam right now) the probe is kept as the
     first ``k`` steps of the L-BFGS phase. Otherwise the optimizer returns to ``x_0`` with Adam's state as it
-    was, and the probe's evaluations are the price of asking; the next probe comes at the end of period ``2 p``
-    (``p``: the period of the lost probe), so a run in which Adam stays ahead probes at periods 1, 2, 4, 8, ...
-    With ``r <= 0`` any gain gives ``rho = +inf`` (none gives ``-inf``). :attr:`statistic` is the last probe's
+    was, and the probe's evaluations (and the steps Adam did not take meanwhile) are the price of asking. The next
+    probe comes at the end of period ``ceil(p ratio / rho)`` (at least ``p + 1``; ``p``: the period of the lost
+    probe; none after a probe that gained nothing): if Adam's pace falls like ``1 / t``, that is when it will have
+    slowed to the pace L-BFGS showed, so a run in which Adam stays far ahead pays for few probes. With ``r <= 0``
+    any gain gives ``rho = +inf`` (none gives ``-inf``). :attr:`statistic` is the last probe's
     ``rho`` (``None`` before one): trainers log it each epoch; :attr:`probes` counts the probes run.
 
     This is the issue's "short trial of the L-BFGS direction measured on a held-out minibatch before committing":
@@ -484,8 +497,8 @@ class ProbeCriterion(SwitchCriterion):
         self.periods = 0
         #: Adam's loss decrease per step over the last period, when a probe is wanted (else None)
         self.pending_rate: float | None = None
-        #: the period at whose end the next probe is asked for (doubles after each probe lost)
-        self.next_probe = min_periods
+        #: the period at whose end the next probe is asked for (see :func:`_next_probe`; ``inf``: none)
+        self.next_probe: int | float = min_periods
         self.statistic: float | None = None
         self.probes = 0
         self.fired = False
@@ -532,7 +545,8 @@ class ProbeCriterion(SwitchCriterion):
             rho = math.inf if gain > 0 else -math.inf
         self.statistic = -math.inf if math.isnan(rho) else rho  # a probe that ended at a non-finite loss
         self.fired = self.statistic >= self.ratio
-        self.next_probe = 2 * self.periods  # after a lost probe, ask again after as many periods again
+        if not self.fired:
+            self.next_probe = _next_probe(self.periods, self.statistic, self.ratio)
         return self.fired
 
     def ready(self, step: int, epoch: int) -> bool:
@@ -554,7 +568,7 @@ class ProbeCriterion(SwitchCriterion):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._trend.load_state_dict(state["trend"])
         self.periods, self.pending_rate = int(state["periods"]), state["pending_rate"]
-        self.next_probe = int(state["next_probe"])
+        self.next_probe = float(state["next_probe"]) if math.isinf(state["next_probe"]) else int(state["next_probe"])
         self.statistic, self.probes, self.fired = state["statistic"], int(state["probes"]), bool(state["fired"])
 
 
