@@ -171,6 +171,14 @@ class RunCache:
                 out.write(json.dumps({"key": key, "run": self.runs[key]}) + "\n")
 
 
+def paired(values: list[float], reference: list[float]) -> str:
+    """``mean (std, t)`` of the seed-paired differences ``values - reference``; ``t = mean / (std / sqrt(n))``."""
+    diff = [a - b for a, b in zip(values, reference, strict=True)]
+    std = statistics.stdev(diff) if len(diff) > 1 else math.nan
+    t = statistics.fmean(diff) / (std / math.sqrt(len(diff))) if std and std > 0 else math.nan
+    return f"{statistics.fmean(diff):+.3g} ({std:.2g}, {t:.2f})"
+
+
 def _better(metric: str) -> int:
     return 1 if metric == "accuracy" else -1
 
@@ -238,20 +246,18 @@ def measure(workload: str, seeds: list[int], tuning_seeds: list[int], pool: conc
              f"{study.best_step} (epoch {study.best_step / steps_per_epoch:.2f}), from a {study.trials}-trial TPE "
              f"study of switch.step on tuning seeds {tuning_seeds} ({study.runs} runs, {study.evaluations:,} "
              f"gradient evaluations)\n",
-             f"| rule | runs to find the switch | {label} mean | median | minus tuned: mean (std, t) | gap closed "
-             f"| gradient evaluations | switch epochs |", "|---|---|---|---|---|---|---|---|"]
+             f"| rule | runs to find the switch | {label} mean | median | minus tuned: mean (std, t) | minus never: "
+             f"mean (std, t) | gap closed | gradient evaluations | switch epochs |", "|---" * 9 + "|"]
     gap = statistics.fmean(values["tuned"]) - statistics.fmean(values["never"])
     for rule in rules:
-        diff = [a - b for a, b in zip(values[rule], values["tuned"], strict=True)]
-        std = statistics.stdev(diff) if len(diff) > 1 else math.nan
-        t = statistics.fmean(diff) / (std / math.sqrt(len(diff))) if std and std > 0 else math.nan
         closed = ((statistics.fmean(values[rule]) - statistics.fmean(values["never"])) / gap
                   if gap != 0 else math.nan)
         cost = study.runs if rule == "tuned" else 0
         epochs = ",".join("-" if r["switch_epoch"] is None else str(r["switch_epoch"]) for r in out[rule])
         lines.append(f"| {rule} | {cost} + 1 | {statistics.fmean(values[rule]):.4g} | "
-                     f"{statistics.median(values[rule]):.4g} | {statistics.fmean(diff):+.3g} ({std:.2g}, {t:.2f}) | "
-                     f"{closed:.0%} | {statistics.fmean(r['grad_evals'] for r in out[rule]):.0f} | {epochs} |")
+                     f"{statistics.median(values[rule]):.4g} | {paired(values[rule], values['tuned'])} | "
+                     f"{paired(values[rule], values['never'])} | {closed:.0%} | "
+                     f"{statistics.fmean(r['grad_evals'] for r in out[rule]):.0f} | {epochs} |")
     lines.append(f"\nstudy trials (switch step: validation measure): {tried}")
     return lines
 
