@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -221,8 +222,6 @@ class _WindowedCriterion(SwitchCriterion):
             self._decide_on_mean()
 
     def _decide_on_mean(self) -> None:
-        #: the steps the mean about to be decided on runs over
-        self.period_steps = self._acc.count
         mean = self._acc.pop_mean()
         if mean is not None:
             self._decide(mean)
@@ -327,20 +326,24 @@ class PlateauCriterion(_WindowedCriterion):
     With ``f_e`` the mean closure loss over the ``n_e`` Adam steps of epoch ``e`` (or of each ``window`` of steps),
     the progress of a period is ``delta_e = (f_{e-1} - f_e) / ((n_{e-1} + n_e) / 2)``, per Adam step between the
     two means (so steps that were not Adam's, e.g. a ``probe``'s, do not read as lost progress), and the best
-    progress so far ``delta*_e = max_{j <= e} delta_j``.
-    The criterion fires at the end of the first period ``e >= min_periods`` with
+    progress so far ``delta*_e = max_{j <= e} delta_j``. Each mean has the standard error ``s_e / sqrt(n_e)``,
+    ``s_e^2`` the scatter of the period's losses about their least-squares line against the step (minibatch
+    noise, not the trend), so ``delta_e`` has ``se_e = sqrt(s_{e-1}^2 / n_{e-1} + s_e^2 / n_e) / ((n_{e-1} + n_e)
+    / 2)``. The criterion fires at the end of the first period ``e >= min_periods`` with
 
-        ``delta_e <= ratio * delta*_e``    (and ``delta*_e > 0``),
+        ``(delta_e + 2 se_e) <= ratio * delta*_e``    (and ``delta*_e > 0``),
 
-    i.e. when the smoothed loss now falls at most ``ratio`` times as fast as it fell in Adam's best period:
-    the fast, first-order part of the descent is over, and the L-BFGS phase (paper Alg. 4) takes the rest.
-    The statistic ``delta_e / delta*_e`` is dimensionless and invariant to ``f -> a f + b`` (``a > 0``), so one
-    default ``ratio`` is meant to serve every model, unlike Eq. 3's ``zeta`` or Eq. 4's ``sigma``. A period in
+    i.e. when the smoothed loss now falls at most ``ratio`` times as fast as it fell in Adam's best period, even
+    allowing two standard errors of noise: the fast, first-order part of the descent is over, and the L-BFGS phase
+    (paper Alg. 4) takes the rest. On a full batch ``s_e`` is the loss's wiggle about a straight descent, small
+    against ``delta_e``; on small minibatch epochs it keeps two noisy means from passing for a flat loss. The
+    statistic ``(delta_e + 2 se_e) / delta*_e`` is dimensionless and invariant to ``f -> a f + b`` (``a > 0``), so
+    one default ``ratio`` is meant to serve every model, unlike Eq. 3's ``zeta`` or Eq. 4's ``sigma``. A period in
     which the loss rose (``delta_e < 0``) counts as flat. ``min_periods`` (default 2) keeps the first period's
     decrease, which starts from the initial loss, from deciding alone.
 
-    :attr:`statistic` is the last ``delta_e / delta*_e`` (``None`` before two periods): trainers log it each
-    epoch, and :attr:`reason` reports it at the switch.
+    :attr:`statistic` is the last ``(delta_e + 2 se_e) / delta*_e`` (``None`` before two periods): trainers log
+    it each epoch, and :attr:`reason` reports it at the switch.
     """
 
     name = "plateau"
@@ -354,44 +357,73 @@ class PlateauCriterion(_WindowedCriterion):
             raise ValueError(f"min_periods must be an integer >= 1, got {min_periods!r}")
         self.min_periods = min_periods
         self._init_window(window)
-        self.previous: float | None = None
-        self.previous_steps = 0
+        self._acc = _TrendAccumulator()  # the mean, and the scatter about the period's trend line
+        self.previous: _Trend | None = None
         self.best_progress = 0.0
         self.periods = 0
         self.statistic: float | None = None
 
-    def _decide(self, current: float) -> None:
-        if self.fired or not math.isfinite(current):
+    def _decide_on_mean(self) -> None:
+        trend = self._acc.pop()
+        if trend is None or self.fired or not math.isfinite(trend.mean):
             return  # after firing the statistic stays the value it fired on
-        if self.previous is not None:
-            self.periods += 1
-            progress = (self.previous - current) / (0.5 * (self.previous_steps + self.period_steps))
-            self.best_progress = max(self.best_progress, progress)
-            if self.best_progress > 0:
-                self.statistic = progress / self.best_progress
-                if self.periods >= self.min_periods and self.statistic <= self.ratio:
-                    self.fired = True
-        self.previous, self.previous_steps = current, self.period_steps
+        previous, self.previous = self.previous, trend
+        if previous is None:
+            return
+        self.periods += 1
+        steps = 0.5 * (previous.count + trend.count)
+        progress = (previous.mean - trend.mean) / steps
+        error = math.sqrt(previous.mean_variance + trend.mean_variance) / steps
+        self.best_progress = max(self.best_progress, progress)
+        if self.best_progress > 0:
+            self.statistic = (progress + PLATEAU_ERRORS * error) / self.best_progress
+            if self.periods >= self.min_periods and self.statistic <= self.ratio:
+                self.fired = True
 
     @property
     def reason(self) -> str:
         shown = "nan" if self.statistic is None else f"{self.statistic:.3g}"
-        return f"plateau(progress / best progress = {shown} <= ratio={self.ratio:g})"
+        return f"plateau((progress + 2 s.e.) / best progress = {shown} <= ratio={self.ratio:g})"
 
     def config(self) -> dict[str, Any]:
         return {"criterion": "plateau", "ratio": self.ratio, "window": self.window, "min_periods": self.min_periods}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"acc": self._acc.state_dict(), "previous": self.previous, "previous_steps": self.previous_steps,
+        return {"acc": self._acc.state_dict(), "previous": None if self.previous is None else asdict(self.previous),
                 "best_progress": self.best_progress,
                 "periods": self.periods, "statistic": self.statistic, "fired": self.fired}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._acc.load_state_dict(state["acc"])
-        self.previous, self.best_progress = state["previous"], float(state["best_progress"])
-        self.previous_steps = int(state.get("previous_steps", 1))
+        self.previous = None if state["previous"] is None else _Trend(**state["previous"])
+        self.best_progress = float(state["best_progress"])
         self.periods, self.statistic, self.fired = int(state["periods"]), state["statistic"], bool(state["fired"])
 
+
+@dataclass(frozen=True)
+class _Trend:
+    """A period's losses summarised: ``count`` steps, their ``mean``, the least-squares ``slope`` against the step,
+    the ``residual_variance`` about that line, and ``s_tt = sum (t - mean t)^2``."""
+
+    count: int
+    mean: float
+    slope: float
+    residual_variance: float
+    s_tt: float = math.nan
+
+    @property
+    def slope_error(self) -> float:
+        return math.sqrt(self.residual_variance / self.s_tt)
+
+    @property
+    def mean_variance(self) -> float:
+        """The variance of :attr:`mean` (the residual variance over the count)."""
+        return self.residual_variance / self.count
+
+
+#: the plateau's progress is taken this many standard errors above its estimate: minibatch noise in two epoch means
+#: must not pass for a flat loss
+PLATEAU_ERRORS = 2.0
 
 #: Adam's pace is taken this many standard errors above its least-squares estimate: a probe must beat what Adam
 #: plausibly does, not a noisy slope that happened to come out flat
@@ -415,19 +447,20 @@ class _TrendAccumulator:
         self.sum_ff = self.sum_ff + value * value
         self.count += 1
 
-    def pop_slope(self) -> tuple[float, float] | None:
-        """The slope ``b = S_tf / S_tt`` and its standard error ``sqrt(SSR / (n - 2) / S_tt)``, with
-        ``S_tf = sum t f - sum t sum f / n``, ``S_tt = sum t^2 - (sum t)^2 / n`` and the residual sum of squares
-        ``SSR = S_ff - b S_tf``; None below 3 points. The sums are reset."""
+    def pop(self) -> _Trend | None:
+        """The period's mean, least-squares slope ``b = S_tf / S_tt`` and residual variance ``SSR / (n - 2)``
+        (``SSR = S_ff - b S_tf``), with ``S_tf = sum t f - sum t sum f / n``, ``S_tt = sum t^2 - (sum t)^2 / n``,
+        ``S_ff = sum f^2 - (sum f)^2 / n``; None for an empty period. The sums are reset."""
         n, sum_f, sum_tf, sum_ff = self.count, float(self.sum_f), float(self.sum_tf), float(self.sum_ff)
         self.count, self.sum_f, self.sum_tf, self.sum_ff = 0, 0.0, 0.0, 0.0
-        if n < 3:
+        if n == 0:
             return None
+        if n < 3:
+            return _Trend(n, sum_f / n, math.nan, 0.0)
         sum_t, sum_tt = n * (n - 1) / 2, (n - 1) * n * (2 * n - 1) / 6
         s_tt, s_tf, s_ff = sum_tt - sum_t**2 / n, sum_tf - sum_t * sum_f / n, sum_ff - sum_f**2 / n
         slope = s_tf / s_tt
-        residual = max(s_ff - slope * s_tf, 0.0)
-        return slope, math.sqrt(residual / (n - 2) / s_tt)
+        return _Trend(n, sum_f / n, slope, max(s_ff - slope * s_tf, 0.0) / (n - 2), s_tt)
 
     def state_dict(self) -> dict[str, Any]:
         return {"count": self.count, "sum_f": float(self.sum_f), "sum_tf": float(self.sum_tf),
@@ -515,13 +548,12 @@ class ProbeCriterion(SwitchCriterion):
             self._end_period()
 
     def _end_period(self) -> None:
-        trend = self._trend.pop_slope()
-        if trend is None or self.fired or not all(map(math.isfinite, trend)):
+        trend = self._trend.pop()
+        if trend is None or trend.count < 3 or self.fired or not math.isfinite(trend.slope):
             return
         self.periods += 1
-        slope, error = trend
         if self.periods >= self.next_probe:
-            self.pending_rate = -slope + ADAM_PACE_ERRORS * error
+            self.pending_rate = -trend.slope + ADAM_PACE_ERRORS * trend.slope_error
 
     @property
     def wants_probe(self) -> bool:

@@ -52,6 +52,42 @@ def test_fires_where_the_rule_written_out_fires(name: str, ratio: float) -> None
     assert feed(PlateauCriterion(ratio=ratio), epochs) == reference_fire(means, ratio)
 
 
+def reference_fire_noisy(epochs: list[list[float]], ratio: float, min_periods: int = 2) -> int | None:
+    """The rule with its noise allowance, written out with numpy: per-step progress between epoch means plus two
+    standard errors (residual scatter about each epoch's fitted line), against the best progress so far."""
+    import numpy as np
+
+    def mean_and_variance(losses: list[float]) -> tuple[float, float, int]:
+        t = np.arange(len(losses))
+        slope, intercept = np.polyfit(t, losses, 1)
+        residual = np.asarray(losses) - (intercept + slope * t)
+        return float(np.mean(losses)), float(residual @ residual / (len(losses) - 2)) / len(losses), len(losses)
+
+    summaries = [mean_and_variance(e) for e in epochs]
+    best = -math.inf
+    for e in range(1, len(summaries)):
+        (m0, v0, n0), (m1, v1, n1) = summaries[e - 1], summaries[e]
+        steps = (n0 + n1) / 2
+        progress = (m0 - m1) / steps
+        best = max(best, progress)
+        if e >= min_periods and best > 0 and (progress + 2 * math.sqrt(v0 + v1) / steps) <= ratio * best:
+            return e + 1
+    return None
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_noisy_epochs_fire_where_the_rule_with_its_standard_errors_fires(seed: int) -> None:
+    """Minibatch-like noise on a fast-then-flat curve: the criterion allows two standard errors of it, as written
+    out; and without the allowance it would fire earlier or at the same epoch, never later."""
+    generator = torch.Generator().manual_seed(seed)
+    means = [1.0, 0.5, 0.3, 0.22, 0.2, 0.19, 0.185, 0.183, 0.182]
+    epochs = [(m + 0.03 * torch.randn(12, generator=generator, dtype=torch.float64)).tolist() for m in means]
+    fired = feed(PlateauCriterion(ratio=0.1), epochs)
+    assert fired == reference_fire_noisy(epochs, 0.1)
+    plain = reference_fire([sum(e) / len(e) for e in epochs], 0.1)
+    assert plain is not None and (fired is None or fired >= plain)
+
+
 def test_the_statistic_is_invariant_to_the_losss_scale_and_offset() -> None:
     means = CURVES["fast then flat"]
     fired, statistics = set(), set()
@@ -73,7 +109,7 @@ def test_window_mode_decides_every_window_steps_and_reason_reports_the_statistic
         decided.append(criterion.ready(0, 0))
     assert decided == [False] * 5 + [True] * 3  # 0.05 / 0.5 = 0.1 <= 0.2 after the third window
     assert criterion.statistic == pytest.approx(0.1, rel=1e-5)  # the value it fired on, kept
-    assert criterion.reason == "plateau(progress / best progress = 0.1 <= ratio=0.2)"
+    assert criterion.reason == "plateau((progress + 2 s.e.) / best progress = 0.1 <= ratio=0.2)"
 
 
 def test_state_dict_resumes_the_decision_exactly() -> None:
@@ -118,7 +154,7 @@ def test_fuse_pv_switches_on_a_plateau_of_a_quadratic_and_keeps_the_criterion_in
         if optimizer.end_epoch():
             break
     assert optimizer.switched_at_epoch is not None and 2 < optimizer.switched_at_epoch < 40
-    assert optimizer.switch_reason.startswith("plateau(progress / best progress = ")
+    assert optimizer.switch_reason.startswith("plateau((progress + 2 s.e.) / best progress = ")
     state = optimizer.state_dict()
     clone = FusePV([torch.nn.Parameter(x.detach().clone())], lr=0.05, switch={"criterion": "plateau"})
     clone.load_state_dict(state)

@@ -41,11 +41,14 @@ def test_trend_matches_scipy_linregress() -> None:
     trend = _TrendAccumulator()
     for value in values:
         trend.add(value)
-    slope, error = trend.pop_slope()
+    summary = trend.pop()
     reference = stats.linregress(range(17), values.tolist())
-    assert slope == pytest.approx(reference.slope, rel=1e-9)
-    assert error == pytest.approx(reference.stderr, rel=1e-9)
-    assert trend.count == 0 and trend.pop_slope() is None  # reset, and too few points
+    assert summary.slope == pytest.approx(reference.slope, rel=1e-9)
+    assert summary.slope_error == pytest.approx(reference.stderr, rel=1e-9)
+    assert summary.mean == pytest.approx(float(values.mean()), rel=1e-12)
+    residuals = values.numpy() - (reference.intercept + reference.slope * torch.arange(17).numpy())
+    assert summary.residual_variance == pytest.approx(float((residuals**2).sum() / 15), rel=1e-9)
+    assert trend.count == 0 and trend.pop() is None  # reset; an empty period has no summary
 
 
 def run_probe_fuse_pv(ratio: float, lr: float = 1e-3, steps: int = 10, epochs: int = 2, probe_steps: int = 4):
