@@ -198,7 +198,8 @@ class _WindowedMean:
 class _WindowedCriterion(SwitchCriterion):
     """A criterion deciding on the mean of one per-step quantity (the loss, or ``||g||^2``) over each epoch
     (``window=None``, in :meth:`end_epoch`) or each ``window`` steps (one host read-back per window); once it
-    fired it stays fired. Subclasses say what they observe and decide in :meth:`_decide`."""
+    fired it stays fired. Subclasses say what they observe and decide in :meth:`_decide` on the mean, or (plateau,
+    probe) keep a :class:`_TrendAccumulator` in ``_acc`` and decide in :meth:`_decide_on_mean` on the whole trend."""
 
     #: what :meth:`observe_step` accumulates: ``"loss"`` or ``"grad_sq_norm"``
     observes = "loss"
@@ -482,7 +483,7 @@ def _next_probe(period: int, rho: float, ratio: float) -> int | float:
     return max(period + 1, math.ceil(period * ratio / rho))
 
 
-class ProbeCriterion(SwitchCriterion):
+class ProbeCriterion(_WindowedCriterion):
     """Switch when a short trial of the L-BFGS phase gains more loss per gradient evaluation than Adam does.
 
     At the end of epoch (or ``window`` of Adam steps) ``min_periods`` (default 1), Adam's pace is measured from the
@@ -525,8 +526,8 @@ class ProbeCriterion(SwitchCriterion):
         if isinstance(min_periods, bool) or not isinstance(min_periods, int) or min_periods < 1:
             raise ValueError(f"min_periods must be an integer >= 1, got {min_periods!r}")
         self.probe_steps, self.min_periods = probe_steps, min_periods
-        self.window = _check_window(window, "window")
-        self._trend = _TrendAccumulator()
+        self._init_window(window)
+        self._acc = _TrendAccumulator()  # the period's trend line: Adam's pace
         self.periods = 0
         #: Adam's loss decrease per step over the last period, when a probe is wanted (else None)
         self.pending_rate: float | None = None
@@ -534,21 +535,9 @@ class ProbeCriterion(SwitchCriterion):
         self.next_probe: int | float = min_periods
         self.statistic: float | None = None
         self.probes = 0
-        self.fired = False
 
-    def observe_step(self, loss: torch.Tensor | None, grad_sq_norm: torch.Tensor | None) -> None:
-        if loss is None:
-            raise RuntimeError("ProbeCriterion needs the closure's loss on every step")
-        self._trend.add(loss)
-        if self.window is not None and self._trend.count >= self.window:
-            self._end_period()
-
-    def end_epoch(self) -> None:
-        if self.window is None:
-            self._end_period()
-
-    def _end_period(self) -> None:
-        trend = self._trend.pop()
+    def _decide_on_mean(self) -> None:
+        trend = self._acc.pop()
         if trend is None or trend.count < 3 or self.fired or not math.isfinite(trend.slope):
             return
         self.periods += 1
@@ -581,9 +570,6 @@ class ProbeCriterion(SwitchCriterion):
             self.next_probe = _next_probe(self.periods, self.statistic, self.ratio)
         return self.fired
 
-    def ready(self, step: int, epoch: int) -> bool:
-        return self.fired
-
     @property
     def reason(self) -> str:
         shown = "nan" if self.statistic is None else f"{self.statistic:.3g}"
@@ -594,11 +580,11 @@ class ProbeCriterion(SwitchCriterion):
                 "min_periods": self.min_periods}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"trend": self._trend.state_dict(), "periods": self.periods, "pending_rate": self.pending_rate,
+        return {"trend": self._acc.state_dict(), "periods": self.periods, "pending_rate": self.pending_rate,
                 "next_probe": self.next_probe, "statistic": self.statistic, "probes": self.probes, "fired": self.fired}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._trend.load_state_dict(state["trend"])
+        self._acc.load_state_dict(state["trend"])
         self.periods, self.pending_rate = int(state["periods"]), state["pending_rate"]
         self.next_probe = float(state["next_probe"]) if math.isinf(state["next_probe"]) else int(state["next_probe"])
         self.statistic, self.probes, self.fired = state["statistic"], int(state["probes"]), bool(state["fired"])
