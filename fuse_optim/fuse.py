@@ -608,15 +608,20 @@ class _AdamLBFGSBase(Optimizer):
 
     def _add_weight_decay(self, grad: torch.Tensor) -> float:
         """``grad += wd x`` per group; returns ``sum_g wd_g / 2 ||x_g||^2``."""
-        penalty, views = 0.0, iter(self._views(grad))
+        views = iter(self._views(grad))
         for group in self.param_groups:
             decay = group["weight_decay"]
             for p in group["params"]:
                 view = next(views)
                 if decay and p.requires_grad:
                     view.add_(p.detach(), alpha=decay)
-                    penalty += 0.5 * decay * float(p.detach().square().sum())
-        return penalty
+        return self._weight_decay_penalty()
+
+    def _weight_decay_penalty(self) -> float:
+        """``sum_g wd_g / 2 ||x_g||^2`` at the current parameters (the term :meth:`_evaluate` adds to f)."""
+        return sum(0.5 * group["weight_decay"] * float(p.detach().square().sum())
+                   for group in self.param_groups if group["weight_decay"] for p in group["params"]
+                   if p.requires_grad)
 
     def _step_scales(self) -> list[float] | None:
         """Per-parameter factor of the L-BFGS step, ``None`` when every factor is 1.
@@ -1151,12 +1156,6 @@ class FusePV(SwitchedOptimizer, _AdamLBFGSBase):
         value = float(self._loss_tensor(loss)) + self._weight_decay_penalty()
         self._set_params(here)
         return value
-
-    def _weight_decay_penalty(self) -> float:
-        """``sum_g wd_g / 2 ||x_g||^2`` at the current parameters (the term :meth:`_evaluate` adds to f)."""
-        return sum(0.5 * group["weight_decay"] * float(p.detach().square().sum())
-                   for group in self.param_groups if group["weight_decay"] for p in group["params"]
-                   if p.requires_grad)
 
     def _global_state(self) -> dict[str, Any]:
         state = super()._global_state()
