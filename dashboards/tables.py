@@ -41,7 +41,7 @@ __all__ = ["THRESHOLDS", "empty", "objective_of", "final_values", "sensitivity_t
 #: switch criterion -> the parameter that sets its threshold, and whether its axis is logarithmic
 THRESHOLDS: dict[str, tuple[str, bool]] = {"epoch": ("switch.epoch", False), "step": ("switch.step", False),
                                            "grad_norm": ("switch.zeta", True), "loss_change": ("switch.sigma", True),
-                                           "plateau": ("switch.ratio", True)}
+                                           "plateau": ("switch.ratio", True), "probe": ("switch.ratio", True)}
 
 _IDENTITY = ["study", "workload", "optimizer", "trial", "run_id", "variant", "criterion", "state", "seed",
              "switch_epoch"]
