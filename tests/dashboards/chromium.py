@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,10 +163,11 @@ def _page_socket(port: int, timeout: float) -> str:
     raise TimeoutError("chromium has no page target")
 
 
-async def _wait_for_text(tools: _DevTools, text: str, timeout: float) -> None:
-    """Poll the page's visible text until it contains ``text`` (a single-page app renders after the load event)."""
+async def _wait_for_text(tools: _DevTools, texts: list[str], timeout: float) -> None:
+    """Poll the page's visible text until it contains every one of ``texts`` (a single-page app renders after the
+    load event, and its parts one after another)."""
     deadline = time.monotonic() + timeout
-    probe = f"document.body !== null && document.body.innerText.includes({json.dumps(text)})"
+    probe = f"document.body !== null && {json.dumps(texts)}.every(t => document.body.innerText.includes(t))"
     while time.monotonic() < deadline:
         result = await tools.call("Runtime.evaluate", {"expression": probe, "returnByValue": True}, timeout)
         if result.get("result", {}).get("value") is True:
@@ -174,7 +176,7 @@ async def _wait_for_text(tools: _DevTools, text: str, timeout: float) -> None:
 
 
 async def _inspect(socket_url: str, url: str, screenshot: Path | None, timeout: float,
-                   wait_for_text: str | None = None) -> PageReport:
+                   wait_for_text: str | Sequence[str] | None = None) -> PageReport:
     import aiohttp
 
     async with aiohttp.ClientSession() as session, session.ws_connect(socket_url, max_msg_size=0) as ws:
@@ -184,7 +186,8 @@ async def _inspect(socket_url: str, url: str, screenshot: Path | None, timeout: 
         await tools.call("Page.navigate", {"url": url})
         await tools.wait_event("Page.loadEventFired", timeout)
         if wait_for_text is not None:
-            await _wait_for_text(tools, wait_for_text, timeout)
+            texts = [wait_for_text] if isinstance(wait_for_text, str) else list(wait_for_text)
+            await _wait_for_text(tools, texts, timeout)
         result = await tools.call("Runtime.evaluate", {"expression": _PAGE_STATE, "awaitPromise": True,
                                                        "returnByValue": True}, timeout)
         if "exceptionDetails" in result:
@@ -205,9 +208,10 @@ async def _inspect(socket_url: str, url: str, screenshot: Path | None, timeout: 
 
 
 def inspect_page(page: str | Path, *, chromium: str | None = None, screenshot: Path | None = None,
-                 timeout: float = 90.0, wait_for_text: str | None = None) -> PageReport:
-    """Load ``page`` (a file path or URL) in a fresh headless Chromium and report on it; with ``wait_for_text``,
-    once the page shows that text (or ``timeout`` passed: the report then shows what it did show)."""
+                 timeout: float = 90.0, wait_for_text: str | Sequence[str] | None = None) -> PageReport:
+    """Load ``page`` (a file path or URL) in a fresh headless Chromium and report on it; with ``wait_for_text`` (a
+    text or several), once the page shows all of it (or ``timeout`` passed: the report then shows what it did
+    show)."""
     chromium = chromium or find_chromium()
     if chromium is None:
         raise FileNotFoundError("no chromium executable found")

@@ -272,7 +272,9 @@ def test_mlflow_server_gets_a_parent_run_and_one_child_per_trial(mlflow_server, 
 
     if find_chromium() is None:
         pytest.skip("chromium is not installed")
-    page = inspect_page(runs_table, wait_for_text=f"{1 + n_trials} matching runs", timeout=60)
+    # every part the assertions read: on a busy machine the runs table's header renders after its row count
+    page = inspect_page(runs_table, wait_for_text=[f"{1 + n_trials} matching runs", name, "Run Name",
+                                                   "Model registry"], timeout=60)
     assert f"{1 + n_trials} matching runs" in page.text and name in page.text
     assert "Run Name" in page.text and "Model registry" in page.text  # the runs table, model-training sidebar
     assert "Observability" not in page.text and "Token Usage" not in page.text  # not the GenAI overview
