@@ -948,7 +948,10 @@ class FusePV(SwitchedOptimizer, _AdamLBFGSBase):
             ``{"criterion": "epoch", "epoch": 5}``; ``{"criterion": "step", "step": 0}`` runs
             L-BFGS from the first step. The default, ``{"criterion": "loss_change", "sigma": 1e-3,
             "relative": True, "window": 50}``, switches when the mean minibatch loss of 50 steps
-            changes by less than 0.1% from the 50 before.
+            changes by less than 0.1% from the 50 before. ``{"criterion": "auto"}`` needs no threshold: it
+            switches at the first of a won ``probe`` (after an epoch, up to 5 steps of the L-BFGS phase are
+            tried and undone exactly when they gained less per evaluation than Adam; ``probing`` is True
+            meanwhile) and Adam's ``plateau``.
         history_size: L-BFGS memory m (pairs kept).
         line_search: ``"armijo"`` (default: backtracking from a capped first step, the policy that
             measured best on minibatches, see BENCHMARKS.md), ``"strong_wolfe"`` (first trial
