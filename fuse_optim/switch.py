@@ -509,6 +509,9 @@ class ProbeCriterion(_WindowedCriterion):
     any gain gives ``rho = +inf`` (none gives ``-inf``). :attr:`statistic` is the last probe's
     ``rho`` (``None`` before one): trainers log it each epoch; :attr:`probes` counts the probes run.
 
+    The optimizer undoes a lost probe's parameter moves only: buffers the closure's forward passes update
+    (BatchNorm running statistics) and random numbers they draw (dropout) are the model's, and stay moved.
+
     This is the issue's "short trial of the L-BFGS direction measured on a held-out minibatch before committing":
     it asks whether L-BFGS pays *now*, from what this run measures, where Eq. 3 and Eq. 4 compare the run with
     thresholds in the loss's units.
